@@ -85,7 +85,9 @@ def _has_raw_files(root: Path, spec: DatasetSpec) -> bool:
 
 
 def _raw_file_names() -> list[str]:
-    return [f"{split}-{kind}-idx{dim}-ubyte" for split in ("train", "t10k") for kind, dim in (("images", 3), ("labels", 1))]
+    return [
+        f"{split}-{kind}-idx{dim}-ubyte" for split in ("train", "t10k") for kind, dim in (("images", 3), ("labels", 1))
+    ]
 
 
 def _debian_fashion_mnist_root(cache_dir: Path) -> Path | None:

@@ -12,7 +12,6 @@ import math
 import warnings
 from dataclasses import asdict, dataclass
 
-import numpy as np
 from opacus.accountants import PRVAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 

@@ -1,0 +1,135 @@
+"""Evaluate a (synthetic) training set: train fresh classifiers on it, test on real images.
+
+The protocol of dataset condensation / PSG: SGD with momentum 0.9 and weight decay 5e-4,
+lr decayed x0.1 at half the epochs, crop/scale/rotate augmentation for MNIST-like data,
+mean and standard deviation over several freshly initialised models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from fedpsg.augment import crop_scale_rotate
+from fedpsg.data import DatasetSpec, ImageSet
+from fedpsg.models import build_model
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str = "convnet"
+    width: int = 128
+    depth: int = 3
+    epochs: int = 1000
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    augment: bool = True
+    num_evals: int = 3
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Accuracies (in [0, 1]) of ``num_evals`` classifiers; ``per_group`` has one list per class group."""
+
+    accuracies: list[float]
+    per_group: list[list[float]]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.accuracies))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.accuracies))
+
+    @property
+    def per_group_mean(self) -> list[float]:
+        return [float(np.mean(group)) for group in self.per_group]
+
+
+def train_classifier(
+    train: ImageSet,
+    spec: DatasetSpec,
+    config: EvalConfig,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = False,
+) -> nn.Module:
+    """Train a freshly initialised classifier (``spec.num_classes`` outputs) on ``train``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(
+            config.model, spec.channels, spec.num_classes, spec.image_size, width=config.width, depth=config.depth
+        ).to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    images, labels = train.images.to(device), train.labels.to(device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[config.epochs // 2], gamma=0.1)
+    model.train()
+    for _ in tqdm(range(config.epochs), desc="eval-train", leave=False, disable=not progress):
+        order = torch.randperm(len(labels), generator=generator, device=device)
+        for start in range(0, len(labels), config.batch_size):
+            batch = order[start : start + config.batch_size]
+            x = images[batch]
+            if config.augment:
+                x = crop_scale_rotate(x, generator)
+            loss = F.cross_entropy(model(x), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, images: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 1024
+) -> torch.Tensor:
+    model.eval()
+    return torch.cat(
+        [model(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
+    )
+
+
+def accuracy_by_group(
+    model: nn.Module, test: ImageSet, groups: list[list[int]], device: str | torch.device = "cpu"
+) -> tuple[float, list[float]]:
+    """Accuracy on all of ``test`` and on the test images of each class group."""
+    predictions = predict(model, test.images, device)
+    correct = predictions == test.labels
+    per_group = []
+    for group in groups:
+        mask = torch.isin(test.labels, torch.as_tensor(group, dtype=test.labels.dtype))
+        per_group.append(float(correct[mask].float().mean()) if mask.any() else float("nan"))
+    return float(correct.float().mean()), per_group
+
+
+def evaluate_training_set(
+    train: ImageSet,
+    test: ImageSet,
+    spec: DatasetSpec,
+    config: EvalConfig,
+    groups: list[list[int]] | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = False,
+) -> Evaluation:
+    """Train ``config.num_evals`` fresh classifiers on ``train``; test each on ``test``."""
+    groups = groups or []
+    accuracies, per_group = [], [[] for _ in groups]
+    for run in range(config.num_evals):
+        model = train_classifier(train, spec, config, device, seed=seed + run, progress=progress)
+        overall, by_group = accuracy_by_group(model, test, groups, device)
+        accuracies.append(overall)
+        for slot, value in zip(per_group, by_group):
+            slot.append(value)
+    return Evaluation(accuracies, per_group)

@@ -1,0 +1,15 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Real MNIST/FashionMNIST in torchvision's layout (CI sets FEDPSG_DATA_DIR=../shared/data)."""
+    root = Path(os.environ.get("FEDPSG_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
+    if not (root / "MNIST" / "raw").exists():
+        pytest.fail(f"real data not found under {root}: set FEDPSG_DATA_DIR")
+    return root

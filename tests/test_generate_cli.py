@@ -1,0 +1,46 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fedpsg.generate import main
+
+BAD_ARGUMENTS = [
+    (["--dataset", "cifar1000"], "unknown dataset"),
+    (["--eps", "0"], "--eps"),
+    (["--eps", "-3"], "--eps"),
+    (["--delta", "1.5"], "--delta"),
+    (["--spc", "0"], "--spc"),
+    (["--classes", "5,10"], "classes"),
+    (["--profile", "huge"], "--profile"),
+]
+
+
+@pytest.mark.parametrize("argv,reason", BAD_ARGUMENTS)
+def test_bad_input_fails_before_any_work_with_one_line(argv, reason, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert reason in last_line
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_writes_set_grid_and_summary(tmp_path, data_dir):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "fedpsg.generate", "--dataset", "fmnist", "--classes", "5,6", "--eps", "10",
+         "--spc", "5", "--profile", "tiny", "--iterations", "1", "--data-dir", str(data_dir), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "accuracy on real test images" in result.stdout
+    blob = torch.load(out / "synthetic.pt", weights_only=True)
+    assert blob["images"].shape == (10, 1, 28, 28)
+    assert blob["privacy"]["epsilon"] == pytest.approx(10.0, rel=1e-3)
+    assert {"delta", "noise_multiplier", "steps", "sample_rate", "accountant"} <= set(blob["privacy"])
+    assert (out / "synthetic.png").stat().st_size > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.0 <= summary["accuracy_mean"] <= 1.0 and summary["privacy"] == blob["privacy"]

@@ -1,0 +1,94 @@
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fedpsg.data import dataset_spec, load_images
+from fedpsg.evaluation import evaluate_training_set
+from fedpsg.profiles import get_profile, with_overrides
+from fedpsg.psg import PSGConfig, generate_private_set, poisson_batch
+from fedpsg.synthetic import SyntheticSet
+
+TINY = get_profile("tiny")
+SMALL = replace(TINY.psg, iterations=1, outer_loop=2, batch_loop=2, inner_loop=2)
+
+
+@pytest.fixture(scope="module")
+def mnist_56(data_dir):
+    train = load_images("mnist", True, data_dir).only_classes([5, 6])
+    test = load_images("mnist", False, data_dir).only_classes([5, 6])
+    return train, test
+
+
+def run(train, config=SMALL, epsilon=10.0, seed=0):
+    return generate_private_set(
+        train, [5, 6], dataset_spec("mnist"), epsilon=epsilon, delta=1e-5, config=config, seed=seed, progress=False
+    )
+
+
+def test_same_seed_same_set_and_other_seed_differs(mnist_56):
+    train, _ = mnist_56
+    a, b, c = run(train), run(train), run(train, seed=1)
+    assert torch.equal(a.images, b.images)
+    assert not torch.allclose(a.images, c.images)
+
+
+def test_set_shape_labels_and_privacy_record(mnist_56):
+    train, _ = mnist_56
+    synthetic = run(train)
+    assert synthetic.images.shape == (2 * SMALL.spc, 1, 28, 28)
+    assert synthetic.labels.tolist() == [5] * SMALL.spc + [6] * SMALL.spc
+    record = synthetic.privacy
+    assert record.steps == SMALL.iterations * SMALL.outer_loop * SMALL.batch_loop
+    assert record.sample_rate == pytest.approx(SMALL.batch_size / len(train))
+    assert record.epsilon == pytest.approx(10.0, rel=1e-3) and record.epsilon <= 10.0
+    assert record.noise_multiplier > 0 and record.max_grad_norm == SMALL.max_grad_norm
+
+
+def test_non_private_mode(mnist_56):
+    synthetic = run(mnist_56[0], epsilon=math.inf)
+    assert synthetic.privacy.epsilon == math.inf and synthetic.privacy.noise_multiplier == 0.0
+
+
+def test_save_load_round_trip(mnist_56, tmp_path):
+    synthetic = run(mnist_56[0])
+    synthetic.save(tmp_path / "s.pt")
+    loaded = SyntheticSet.load(tmp_path / "s.pt")
+    assert torch.equal(loaded.images, synthetic.images) and loaded.privacy == synthetic.privacy
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_matching_moves_images_towards_the_data(mnist_56):
+    """The optimised set must differ from its N(0,1) initialisation (gradients reached it)."""
+    train, _ = mnist_56
+    synthetic = run(train)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        init = torch.randn_like(synthetic.images)
+    assert (synthetic.images - init).abs().mean() > 1e-3
+
+
+def test_poisson_batches_have_the_expected_size():
+    generator = torch.Generator().manual_seed(0)
+    sizes = [len(poisson_batch(10_000, 0.01, generator)) for _ in range(200)]
+    assert sum(sizes) / len(sizes) == pytest.approx(100, rel=0.05)
+    assert len(set(sizes)) > 5  # the size itself is random
+
+
+def test_bad_configs_rejected(mnist_56):
+    with pytest.raises(ValueError):
+        run(mnist_56[0], config=replace(SMALL, spc=0))
+    with pytest.raises(ValueError):
+        run(mnist_56[0], epsilon=0.0)
+    with pytest.raises(ValueError):
+        with_overrides(TINY, psg={"no_such_setting": 1})
+    with pytest.raises(ValueError):
+        PSGConfig(max_grad_norm=-1).validate()
+
+
+def test_tiny_profile_beats_chance_by_far_on_real_mnist(mnist_56):
+    train, test = mnist_56
+    synthetic = run(train, config=TINY.psg)
+    evaluation = evaluate_training_set(synthetic.as_image_set(), test, dataset_spec("mnist"), TINY.evaluation)
+    assert evaluation.mean > 0.75  # chance is 0.5
