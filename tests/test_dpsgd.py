@@ -1,0 +1,145 @@
+"""DP-SGD finetuning: exact privacy spend, in-place training, budget checks, determinism."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.data_loader import DPDataLoader
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedpsg import dpsgd
+from fedpsg.data import DataNotFoundError, ImageSet, load_images
+from fedpsg.dpsgd import DPSGDConfig, dpsgd_finetune, dpsgd_schedule
+from fedpsg.models import build_model
+from fedpsg.privacy import RDP_ORDERS
+
+DATA_DIR = os.environ.get("FEDPSG_DATA_DIR", "/work/shared/data")
+CONFIG = DPSGDConfig(epochs=1, batch_size=128)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # Tiny models on a small shared CPU: intra-op threads only fight each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def party_data() -> ImageSet:
+    """1000 random FashionMNIST training images of the first party's classes (5, 6)."""
+    try:
+        train = load_images("fmnist", train=True, data_dir=DATA_DIR)
+    except DataNotFoundError as err:
+        pytest.skip(f"FashionMNIST not available: {err}")
+    part = train.only_classes([5, 6])
+    keep = torch.randperm(len(part), generator=torch.Generator().manual_seed(0))[:1000]
+    return ImageSet(part.images[keep], part.labels[keep])
+
+
+def small_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model("convnet", 1, 10, (28, 28), width=8)
+
+
+class RecordingEngine(dpsgd.PrivacyEngine):
+    """The PrivacyEngine dpsgd uses, remembered so that tests can read Opacus's own accountant."""
+
+    instances: list[RecordingEngine] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        RecordingEngine.instances.append(self)
+
+
+def test_spent_epsilon_is_the_target_and_agrees_with_opacus(party_data, monkeypatch):
+    RecordingEngine.instances.clear()
+    monkeypatch.setattr(dpsgd, "PrivacyEngine", RecordingEngine)
+    epsilon, delta = 2.0, 1e-5
+    record = dpsgd_finetune(small_model(), party_data, epsilon=epsilon, delta=delta, config=CONFIG)
+
+    assert record.epsilon == pytest.approx(epsilon, rel=1e-3)
+    assert record.epsilon <= epsilon
+    schedule = dpsgd_schedule(len(party_data), CONFIG)
+    assert (record.steps, record.sample_rate) == (schedule.steps, schedule.sample_rate)
+    assert record.noise_multiplier > 0 and record.max_grad_norm == CONFIG.max_grad_norm
+
+    # Opacus's accountant saw every optimizer step, with the same sigma and sampling rate.
+    (engine,) = RecordingEngine.instances
+    assert engine.accountant.history == [(record.noise_multiplier, record.sample_rate, record.steps)]
+    assert engine.accountant.get_epsilon(delta) == pytest.approx(record.epsilon, rel=1e-3)
+    assert engine.accountant.get_epsilon(delta, alphas=list(RDP_ORDERS)) == pytest.approx(record.epsilon, rel=1e-9)
+    fresh = RDPAccountant()
+    fresh.history = [(record.noise_multiplier, record.sample_rate, record.steps)]
+    assert fresh.get_epsilon(delta, alphas=list(RDP_ORDERS)) == pytest.approx(record.epsilon, rel=1e-9)
+
+
+@pytest.mark.parametrize(("n", "batch_size"), [(1000, 128), (930, 10), (12000, 256), (5, 256)])
+def test_schedule_is_what_opacus_poisson_loader_yields(n, batch_size):
+    # (930, 10): ceil(N/B) = 93 but int(1 / (1/93)) = 92, so the loader yields 92 batches.
+    config = DPSGDConfig(epochs=3, batch_size=batch_size)
+    loader = DPDataLoader.from_data_loader(DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=batch_size))
+    schedule = dpsgd_schedule(n, config)
+    assert schedule.sample_rate == loader.sample_rate
+    assert schedule.steps_per_epoch == len(loader) == sum(1 for _ in loader)
+    assert schedule.steps == 3 * len(loader)
+
+
+def test_trains_in_place_and_leaves_a_plain_module(party_data):
+    model = small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dpsgd_finetune(model, party_data, epsilon=5.0, delta=1e-5, config=CONFIG)
+
+    after = model.state_dict()
+    assert list(after) == list(before)  # no "_module." prefix
+    assert type(model).__name__ == "ConvNet"
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    for module in model.modules():
+        assert not module._forward_hooks and not module._backward_hooks and not module._forward_pre_hooks
+    for p in model.parameters():
+        assert p.grad is None
+        assert not any(hasattr(p, a) for a in ("grad_sample", "_forward_counter", "summed_grad"))
+
+
+def test_non_private_run(party_data):
+    model = small_model()
+    before = [p.clone() for p in model.parameters()]
+    record = dpsgd_finetune(model, party_data, epsilon=math.inf, delta=1e-5, config=CONFIG)
+    assert math.isinf(record.epsilon) and record.noise_multiplier == 0.0
+    assert record.steps == dpsgd_schedule(len(party_data), CONFIG).steps
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize(("epsilon", "delta"), [(0.0, 1e-5), (-1.0, 1e-5), (math.nan, 1e-5), (1.0, 0.0), (1.0, 1.0)])
+def test_rejects_bad_budget_before_training(party_data, epsilon, delta):
+    model = small_model()
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError):
+        dpsgd_finetune(model, party_data, epsilon=epsilon, delta=delta, config=CONFIG)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_deterministic_for_a_seed(party_data):
+    runs = []
+    for seed in (0, 0, 1):
+        model = small_model()
+        dpsgd_finetune(model, party_data, epsilon=2.0, delta=1e-5, config=CONFIG, seed=seed)
+        runs.append(model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_empty_poisson_batches_still_take_noisy_steps(party_data):
+    # Three examples at sample rate 1/3: many batches are empty; the run must neither crash nor go NaN.
+    tiny = ImageSet(party_data.images[:3], party_data.labels[:3])
+    config = DPSGDConfig(epochs=10, batch_size=1)
+    model = small_model()
+    record = dpsgd_finetune(model, tiny, epsilon=1.0, delta=1e-5, config=config)
+    assert record.steps == 30 and record.epsilon == pytest.approx(1.0, rel=1e-3)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
