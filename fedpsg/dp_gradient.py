@@ -34,10 +34,11 @@ class ClippedGradientSum:
     per_example_norms: torch.Tensor  # norms before clipping, shape (batch,)
 
 
-# Examples per oneDNN call in the convolution rule: enough input elements that oneDNN (not
-# PyTorch's slow im2col path, which it picks for tiny single-example inputs) runs, and no more,
-# since a grouped call is slower per FLOP than a single-example one.
-_CONV_CALL_NUMEL = 32768
+# Input elements per oneDNN call in the convolution rule. Single small examples run at a
+# fraction of oneDNN's speed (per-call overhead, and PyTorch routes tiny single-example
+# inputs to its slow im2col path), so small examples are grouped; but a grouped call is
+# slower per FLOP, so large ones are not. Measured on 2-core Zen4 at widths 32-128.
+_CONV_CALL_NUMEL = 65536
 
 
 def _conv2d_grad_sample(layer: nn.Conv2d, activation: torch.Tensor, backprop: torch.Tensor) -> dict:
@@ -168,11 +169,18 @@ def _per_example_norms(samples: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(per_param, dim=1), dim=1)
 
 
-# Examples whose per-example gradients exist at once in clipped_gradient_sum. Clipping needs
-# all of an example's gradients but nothing from other examples, so working chunk by chunk
-# keeps them cache-resident (about 1.3 MB per example at width 128) instead of materialising
+# Memory for the per-example gradients that exist at once in clipped_gradient_sum. Clipping
+# needs all of an example's gradients but nothing from other examples, so working chunk by
+# chunk keeps them cache-resident (1.3 MB per example at width 128) instead of materialising
 # B copies of the model, whose page faults and memory traffic cost more than the clipping.
-_CHUNK = 16
+_CHUNK_BYTES = 24 << 20
+
+
+def _chunk_size(params: list[nn.Parameter]) -> int:
+    """Examples per chunk: a power of two within _CHUNK_BYTES (so it divides the conv groups)."""
+    per_example = sum(p.numel() * p.element_size() for p in params)
+    fit = max(1, _CHUNK_BYTES // max(per_example, 1))
+    return 1 << (fit.bit_length() - 1)
 
 
 def clipped_gradient_sum(
@@ -185,8 +193,9 @@ def clipped_gradient_sum(
         return ClippedGradientSum(sums, images.new_zeros(0))
     capture = _capture(model, images, labels)
     norms = []
-    for start in range(0, len(labels), _CHUNK):
-        samples = _grad_samples(capture, slice(start, start + _CHUNK))
+    chunk = _chunk_size(params)
+    for start in range(0, len(labels), chunk):
+        samples = _grad_samples(capture, slice(start, start + chunk))
         used = [(total, samples[p].flatten(1)) for total, p in zip(sums, params) if p in samples]
         chunk_norms = _per_example_norms([sample for _, sample in used])
         scale = (max_grad_norm / (chunk_norms + 1e-12)).clamp(max=1.0)

@@ -70,10 +70,14 @@ def make_case(name: str, batch: int, seed: int = 0) -> tuple[nn.Module, torch.Te
 CASES = ["convnet", "convnet32", "mlp", "lenet", "odd"]
 
 
+@pytest.mark.parametrize("conv_call_numel", [1, 10_000])
 @pytest.mark.parametrize("name", CASES)
-def test_per_example_gradients_match_one_example_at_a_time(name: str) -> None:
-    # 20 examples: the width-12 ConvNet's middle convolution groups 16 examples per oneDNN call,
-    # so this covers a full group and a partial one.
+def test_per_example_gradients_match_one_example_at_a_time(
+    name: str, conv_call_numel: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One example per oneDNN call, or several (e.g. 13 + 7 in the ConvNet's first convolution
+    # and 3 * 6 + 2 in its second), covering full and partial groups.
+    monkeypatch.setattr(dp_gradient, "_CONV_CALL_NUMEL", conv_call_numel)
     model, images, labels = make_case(name, batch=20)
     params = [p for p in model.parameters() if p.requires_grad]
     samples = per_example_gradients(model, images, labels)
@@ -86,10 +90,13 @@ def test_per_example_gradients_match_one_example_at_a_time(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_clipped_sum_is_sum_of_individually_clipped_gradients(name: str) -> None:
-    # More examples than clipped_gradient_sum's chunk, and a partial last chunk.
-    batch = dp_gradient._CHUNK * 2 + 3
-    model, images, labels = make_case(name, batch=batch, seed=1)
+def test_clipped_sum_is_sum_of_individually_clipped_gradients(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, images, labels = make_case(name, batch=19, seed=1)
+    # Chunks of 8 examples: two full chunks and a partial one.
+    per_example_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    monkeypatch.setattr(dp_gradient, "_CHUNK_BYTES", 8 * per_example_bytes)
+    assert dp_gradient._chunk_size(list(model.parameters())) == 8
+    batch = len(labels)
     expected_per_example = reference_per_example(model, images, labels)
     _, norms = reference_clipped_sum(expected_per_example, 1.0)
     max_grad_norm = norms.median().item()  # about half the examples are clipped
