@@ -79,7 +79,7 @@ def _conv2d_grad_sample(layer: nn.Conv2d, activation: torch.Tensor, backprop: to
                 n * layer.groups,
                 [False, True, False],
             )[1]
-            pieces.append(grad.view(n, *weight.shape))
+            pieces.append(grad.reshape(n, *weight.shape))  # a view unless oneDNN chose channels-last
         samples[weight] = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     if bias is not None and bias.requires_grad:
         samples[bias] = backprop.sum(dim=(2, 3))
@@ -188,7 +188,7 @@ def clipped_gradient_sum(
 ) -> ClippedGradientSum:
     """Per-example gradients scaled by ``min(1, C / ||g_i||)`` and summed over the batch."""
     params = [p for p in model.parameters() if p.requires_grad]
-    sums = [torch.zeros_like(p) for p in params]
+    sums = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in params]  # contiguous, for addmv_
     if len(labels) == 0:  # Poisson sampling can draw an empty batch
         return ClippedGradientSum(sums, images.new_zeros(0))
     capture = _capture(model, images, labels)
