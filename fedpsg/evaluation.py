@@ -7,7 +7,7 @@ mean and standard deviation over several freshly initialised models.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ class Evaluation:
 
     accuracies: list[float]
     per_group: list[list[float]]
+    model: nn.Module | None = field(default=None, compare=False, repr=False)  # the first classifier trained
 
     @property
     def mean(self) -> float:
@@ -54,6 +55,15 @@ class Evaluation:
         return [float(np.mean(group)) for group in self.per_group]
 
 
+def new_classifier(spec: DatasetSpec, config: EvalConfig, seed: int = 0) -> nn.Module:
+    """A freshly initialised classifier of the evaluation architecture (seeded, no global side effects)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(
+            config.model, spec.channels, spec.num_classes, spec.image_size, width=config.width, depth=config.depth
+        )
+
+
 def train_classifier(
     train: ImageSet,
     spec: DatasetSpec,
@@ -61,13 +71,12 @@ def train_classifier(
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = False,
+    model: nn.Module | None = None,
 ) -> nn.Module:
-    """Train a freshly initialised classifier (``spec.num_classes`` outputs) on ``train``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model(
-            config.model, spec.channels, spec.num_classes, spec.image_size, width=config.width, depth=config.depth
-        ).to(device)
+    """Train a classifier (``spec.num_classes`` outputs) on ``train``: ``model`` if given, else a fresh one."""
+    if model is None:
+        model = new_classifier(spec, config, seed)
+    model = model.to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     images, labels = train.images.to(device), train.labels.to(device)
     optimizer = torch.optim.SGD(
@@ -125,11 +134,12 @@ def evaluate_training_set(
 ) -> Evaluation:
     """Train ``config.num_evals`` fresh classifiers on ``train``; test each on ``test``."""
     groups = groups or []
-    accuracies, per_group = [], [[] for _ in groups]
+    accuracies, per_group, first = [], [[] for _ in groups], None
     for run in range(config.num_evals):
         model = train_classifier(train, spec, config, device, seed=seed + run, progress=progress)
         overall, by_group = accuracy_by_group(model, test, groups, device)
         accuracies.append(overall)
         for slot, value in zip(per_group, by_group):
             slot.append(value)
-    return Evaluation(accuracies, per_group)
+        first = first or model
+    return Evaluation(accuracies, per_group, first)

@@ -1,0 +1,103 @@
+"""The messages between coordinator and parties, as Flower RecordDicts.
+
+A train request carries the stage's public settings and the coordinator's current model.
+A party's reply carries exactly three records, all of them DP outputs or public:
+``synthetic`` (the DP set: images + labels; absent for methods that release only a model),
+``model`` (the model state) and ``privacy`` (the accountant's record).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from fedpsg.privacy import PrivacyRecord
+
+REPLY_KEYS = frozenset({"synthetic", "model", "privacy"})
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    method: str
+    stage: int
+    partition: int  # which party must answer
+    dataset: str
+    classes: list[int]
+    epsilon: float
+    delta: float
+    seed: int
+    hyperparameters: dict  # the method's config dataclass as a dict
+    model_state: dict[str, torch.Tensor]
+
+
+def encode_train_request(request: TrainRequest) -> RecordDict:
+    config = {
+        "method": request.method,
+        "stage": request.stage,
+        "partition": request.partition,
+        "dataset": request.dataset,
+        "classes": list(request.classes),
+        "epsilon": float(request.epsilon),
+        "delta": float(request.delta),
+        "seed": request.seed,
+    }
+    config.update({f"hp.{k}": v for k, v in request.hyperparameters.items() if v is not None})
+    return RecordDict({"config": ConfigRecord(config), "model": ArrayRecord(request.model_state)})
+
+
+def decode_train_request(content: RecordDict) -> TrainRequest:
+    config = content.config_records["config"]
+    return TrainRequest(
+        method=str(config["method"]),
+        stage=int(config["stage"]),
+        partition=int(config["partition"]),
+        dataset=str(config["dataset"]),
+        classes=[int(c) for c in config["classes"]],
+        epsilon=float(config["epsilon"]),
+        delta=float(config["delta"]),
+        seed=int(config["seed"]),
+        hyperparameters={k[3:]: v for k, v in config.items() if k.startswith("hp.")},
+        model_state=content.array_records["model"].to_torch_state_dict(),
+    )
+
+
+def config_from_hyperparameters(config_class: type, values: dict):
+    """Rebuild a frozen config dataclass from a request's hyperparameters (unknown keys rejected)."""
+    names = {f.name for f in fields(config_class)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown {config_class.__name__} settings in request: {sorted(unknown)}")
+    return config_class(**values)
+
+
+@dataclass(frozen=True)
+class StageReply:
+    privacy: PrivacyRecord
+    model_state: dict[str, torch.Tensor]
+    images: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+
+def encode_reply(reply: StageReply) -> RecordDict:
+    privacy = {k: v for k, v in reply.privacy.to_dict().items() if v is not None}
+    records: dict = {"model": ArrayRecord(reply.model_state), "privacy": ConfigRecord(privacy)}
+    if reply.images is not None:
+        records["synthetic"] = ArrayRecord({"images": reply.images.detach().cpu(), "labels": reply.labels.cpu()})
+    return RecordDict(records)
+
+
+def decode_reply(content: RecordDict) -> StageReply:
+    unexpected = set(content.keys()) - REPLY_KEYS
+    if unexpected:
+        raise ValueError(f"a party's reply may only carry {sorted(REPLY_KEYS)}, got extra {sorted(unexpected)}")
+    privacy = PrivacyRecord.from_dict(dict(content.config_records["privacy"]))
+    synthetic = content.array_records.get("synthetic")
+    arrays = synthetic.to_torch_state_dict() if synthetic is not None else {}
+    return StageReply(
+        privacy=privacy,
+        model_state=content.array_records["model"].to_torch_state_dict(),
+        images=arrays.get("images"),
+        labels=arrays.get("labels"),
+    )

@@ -1,0 +1,77 @@
+"""Scenarios: readable YAML files under ``scenarios/`` describing a continual-learning run.
+
+Adding a scenario is adding a file; ``--scenario NAME`` finds ``scenarios/NAME.yaml`` and
+``--scenario path/to/file.yaml`` reads that file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from fedpsg.data import dataset_spec, stage_classes, validate_classes
+
+SCENARIO_DIRS_ENV = "FEDPSG_SCENARIO_DIR"
+METHODS = ("psg", "dpsgd", "dpmerf")
+REPLAY_MODES = ("fresh", "continue")
+
+
+def scenario_dirs() -> list[Path]:
+    dirs = [Path(p) for p in os.environ.get(SCENARIO_DIRS_ENV, "").split(os.pathsep) if p]
+    return [*dirs, Path.cwd() / "scenarios", Path(__file__).resolve().parents[1] / "scenarios"]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    dataset: str
+    class_order: list[int]
+    classes_per_stage: int = 2
+    methods: list[str] = field(default_factory=lambda: ["psg"])
+    spc: int = 10
+    epsilon: float = 10.0
+    delta: float = 1e-5
+    profile: str | None = None
+    replay: str = "fresh"
+    evaluation: dict = field(default_factory=dict)
+    psg: dict = field(default_factory=dict)
+
+    @property
+    def stages(self) -> list[list[int]]:
+        return stage_classes(self.class_order, self.classes_per_stage)
+
+    def validate(self) -> None:
+        spec = dataset_spec(self.dataset)
+        validate_classes(self.class_order, spec.num_classes)
+        _ = self.stages
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown methods {unknown}; available: {', '.join(METHODS)}")
+        if self.replay not in REPLAY_MODES:
+            raise ValueError(f"replay must be one of {REPLAY_MODES}, got {self.replay!r}")
+
+
+def available_scenarios() -> list[str]:
+    return sorted({p.stem for d in scenario_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+
+
+def load_scenario(name_or_path: str) -> Scenario:
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml") or not path.exists():
+        candidates = [d / f"{name_or_path}.yaml" for d in scenario_dirs()]
+        path = next((c for c in candidates if c.exists()), None)
+        if path is None:
+            raise ValueError(
+                f"unknown scenario {name_or_path!r}; available: {', '.join(available_scenarios()) or '(none found)'}"
+            )
+    values = yaml.safe_load(path.read_text()) or {}
+    known = set(Scenario.__dataclass_fields__) - {"name"}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    scenario = Scenario(name=path.stem, **{k: v for k, v in values.items() if v is not None or k == "profile"})
+    scenario.validate()
+    return scenario

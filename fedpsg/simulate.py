@@ -1,0 +1,117 @@
+"""Run a federated continual-learning scenario as a Flower simulation on Ray.
+
+    python -m fedpsg.simulate --scenario split_fmnist --eps 10
+
+One virtual SuperNode per party; the coordinator (ServerApp) visits them stage by stage.
+Results land in ``--out`` (default ``runs/<scenario>-eps<eps>``): results.csv, summary.json,
+accuracy.png, report.md, grids/, sets/, config.json and run.log. Re-running with the same
+``--out`` resumes: finished stages are not redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from fedpsg.cli import (
+    add_profile_overrides,
+    open_unit_float,
+    positive_float_or_inf,
+    positive_int,
+    profile_overrides,
+)
+from fedpsg.data import DATA_DIR_ENV, DataNotFoundError, load_images
+from fedpsg.profiles import PROFILES
+from fedpsg.scenario import METHODS, REPLAY_MODES, available_scenarios
+from fedpsg.settings import RunSettings, resolve_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fedpsg.simulate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", default="split_fmnist", help=f"one of {available_scenarios()} or a YAML path")
+    parser.add_argument("--eps", type=positive_float_or_inf, default=None, help="each party's epsilon")
+    parser.add_argument("--delta", type=open_unit_float, default=None)
+    parser.add_argument("--spc", type=positive_int, default=None, help="synthetic images per class (PSG)")
+    parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: paper on CUDA, else cpu")
+    parser.add_argument("--replay", choices=REPLAY_MODES, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="output folder (re-use it to resume)")
+    parser.add_argument("--data-dir", default=None, help=f"dataset root (default: ${DATA_DIR_ENV}, then download)")
+    parser.add_argument("--stages", type=positive_int, default=None, help="run only the first N stages")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--stage-timeout", type=float, default=3600.0, help="seconds to wait for one party")
+    parser.add_argument("--ray-address", default=None, help="run on an existing Ray cluster (e.g. 'auto')")
+    parser.add_argument("--party-cpus", type=float, default=1.0, help="Ray CPUs reserved per party")
+    parser.add_argument("--party-gpus", type=float, default=None, help="Ray GPUs per party (default: 1 on CUDA)")
+    add_profile_overrides(parser)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> RunSettings:
+    psg_overrides, eval_overrides = profile_overrides(args)
+    psg_overrides.pop("spc", None)  # --spc is a scenario value
+    return resolve_settings(
+        args.scenario,
+        epsilon=args.eps,
+        delta=args.delta,
+        spc=args.spc,
+        profile=args.profile,
+        seed=args.seed,
+        out=args.out,
+        stages=args.stages,
+        device=args.device,
+        methods=[m.strip() for m in args.methods.split(",")] if args.methods else None,
+        replay=args.replay,
+        stage_timeout=args.stage_timeout,
+        data_dir=args.data_dir,
+        psg_overrides=psg_overrides,
+        eval_overrides=eval_overrides,
+    )
+
+
+def simulate(settings: RunSettings, ray_address: str | None = None, party_cpus: float = 1.0, party_gpus=None) -> None:
+    """Run the scenario with ``flwr.simulation.run_simulation`` (Ray backend)."""
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from server.app import make_server_app
+
+    if settings.data_dir:  # parties run in Ray actors: they read the data root from the environment
+        os.environ[DATA_DIR_ENV] = str(os.path.abspath(settings.data_dir))
+    gpus = party_gpus if party_gpus is not None else (1.0 if settings.device.startswith("cuda") else 0.0)
+    init_args: dict = {"address": ray_address} if ray_address else {"num_cpus": os.cpu_count() or 1}
+    run_simulation(
+        server_app=make_server_app(settings),
+        client_app=client_app,
+        num_supernodes=settings.num_partitions,
+        backend_name="ray",
+        backend_config={"client_resources": {"num_cpus": party_cpus, "num_gpus": gpus}, "init_args": init_args},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:  # fail before starting Ray if the coordinator's test data is missing
+        load_images(settings.scenario.dataset, train=False, data_dir=settings.data_dir)
+    except DataNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    simulate(settings, args.ray_address, args.party_cpus, args.party_gpus)
+    if not (settings.out / "DONE").exists():
+        print(f"error: the run did not complete; see {settings.out / 'run.log'}", file=sys.stderr)
+        return 1
+    print(f"results in {settings.out}: results.csv, summary.json, accuracy.png, report.md, grids/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
