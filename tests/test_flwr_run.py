@@ -1,0 +1,57 @@
+"""`flwr run .` runs the same app from pyproject's Flower config (simulation SuperLink)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_flwr_run_on_a_simulation_superlink(tmp_path, data_dir):
+    port = free_port()
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "FEDPSG_DATA_DIR": str(data_dir)}
+    (tmp_path / "flwr").mkdir()
+    (tmp_path / "flwr" / "config.toml").write_text(
+        f'[superlink]\ndefault = "sim"\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    superlink = subprocess.Popen(
+        [BIN / "flower-superlink", "--simulation", "--insecure", "--disable-runtime-dependency-installation",
+         "--port", str(port), "--database", str(tmp_path / "state.db")],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
+        out = tmp_path / "out"
+        run_config = f'profile="tiny" stages=1 out="{out}"'
+        result = subprocess.run(
+            [BIN / "flwr", "run", ".", "sim", "--stream", "--run-config", run_config, "--federation-config",
+             "num-supernodes=5 client-resources-num-cpus=1 init-args-num-cpus=2"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        # `flwr run` exits 0 even when the ServerApp fails: check the run's own outputs.
+        assert (out / "DONE").exists(), result.stdout[-3000:]
+        rows = json.loads((out / "summary.json").read_text())["stages"]
+        assert [r["stage"] for r in rows] == [1] and rows[0]["accuracy"] > 0.75
+    finally:
+        superlink.terminate()
+        superlink.wait(timeout=30)
