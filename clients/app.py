@@ -10,15 +10,23 @@ from the node config (``data-dir``) or ``FEDPSG_DATA_DIR``.
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpsg.data import dataset_spec, load_images
+from fedpsg.data import ImageSet, dataset_spec, load_images
+from fedpsg.dpmerf import DPMerfConfig, dpmerf_generate
+from fedpsg.dpsgd import DPSGDConfig, dpsgd_finetune
+from fedpsg.models import build_model
 from fedpsg.profiles import default_device
-from fedpsg.protocol import StageReply, config_from_hyperparameters, decode_train_request, encode_reply
+from fedpsg.protocol import (
+    StageReply,
+    TrainRequest,
+    config_from_hyperparameters,
+    decode_train_request,
+    encode_reply,
+)
 from fedpsg.psg import PSGConfig, generate_private_set
 
 app = ClientApp()
@@ -41,21 +49,30 @@ def whoami(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"party": info}), reply_to=msg)
 
 
-@app.train("psg")
-def train_psg(msg: Message, context: Context) -> Message:
+def _receive(msg: Message, context: Context) -> tuple[TrainRequest, ImageSet, str]:
+    """Decode a train request, check it is for this party, and load only this party's data."""
     request = decode_train_request(msg.content)
     partition, _ = _partition(context)
     if request.partition != partition:
         raise ValueError(f"request for partition {request.partition} reached the party holding {partition}")
     device = _prepare(context)
     data_dir = context.node_config.get("data-dir") or None
-    spec = dataset_spec(request.dataset)
-    data = load_images(spec.name, train=True, data_dir=data_dir).only_classes(request.classes)
-    started = time.perf_counter()
+    data = load_images(request.dataset, train=True, data_dir=data_dir).only_classes(request.classes)
+    print(f"[party {partition}] {request.method} stage {request.stage}: {len(data)} private images", flush=True)
+    return request, data, device
+
+
+def _reply(msg: Message, reply: StageReply) -> Message:
+    return Message(encode_reply(reply), reply_to=msg)
+
+
+@app.train("psg")
+def train_psg(msg: Message, context: Context) -> Message:
+    request, data, device = _receive(msg, context)
     synthetic = generate_private_set(
         data,
         request.classes,
-        spec,
+        dataset_spec(request.dataset),
         epsilon=request.epsilon,
         delta=request.delta,
         config=config_from_hyperparameters(PSGConfig, request.hyperparameters),
@@ -63,7 +80,42 @@ def train_psg(msg: Message, context: Context) -> Message:
         seed=request.seed,
         progress=False,
     )
-    print(f"[party {partition}] PSG stage {request.stage} done in {time.perf_counter() - started:.0f} s", flush=True)
     # PSG never trains the model on private data: the received model goes back untouched.
-    reply = StageReply(synthetic.privacy, request.model_state, synthetic.images, synthetic.labels)
-    return Message(encode_reply(reply), reply_to=msg)
+    return _reply(msg, StageReply(synthetic.privacy, request.model_state, synthetic.images, synthetic.labels))
+
+
+@app.train("dpsgd")
+def train_dpsgd(msg: Message, context: Context) -> Message:
+    request, data, device = _receive(msg, context)
+    spec = dataset_spec(request.dataset)
+    arch = request.architecture
+    model = build_model(arch["model"], spec.channels, spec.num_classes, spec.image_size, arch["width"], arch["depth"])
+    model.load_state_dict(request.model_state)
+    record = dpsgd_finetune(
+        model,
+        data,
+        epsilon=request.epsilon,
+        delta=request.delta,
+        config=config_from_hyperparameters(DPSGDConfig, request.hyperparameters),
+        device=device,
+        seed=request.seed,
+    )
+    # Only the DP-trained model and its privacy record leave the party.
+    return _reply(msg, StageReply(record, {k: v.cpu() for k, v in model.state_dict().items()}))
+
+
+@app.train("dpmerf")
+def train_dpmerf(msg: Message, context: Context) -> Message:
+    request, data, device = _receive(msg, context)
+    generated, record = dpmerf_generate(
+        data,
+        request.classes,
+        dataset=request.dataset,
+        epsilon=request.epsilon,
+        delta=request.delta,
+        config=config_from_hyperparameters(DPMerfConfig, request.hyperparameters),
+        device=device,
+        seed=request.seed,
+    )
+    # Generated samples are post-processing of the one noisy embedding; the model goes back untouched.
+    return _reply(msg, StageReply(record, request.model_state, generated.images, generated.labels))

@@ -15,6 +15,11 @@ def positive_float_or_inf(text: str) -> float:
     return value
 
 
+def epsilon_list(text: str) -> list[float]:
+    """``10`` or a sweep ``1,10``: each > 0 or ``inf``."""
+    return [positive_float_or_inf(part.strip()) for part in text.split(",") if part.strip()]
+
+
 def open_unit_float(text: str) -> float:
     value = float(text)
     if not (0 < value < 1):
@@ -55,8 +60,16 @@ def add_profile_overrides(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-augment", action="store_true", help="evaluate without augmentation")
 
 
-def profile_overrides(args: argparse.Namespace) -> tuple[dict, dict]:
-    """(PSG overrides, evaluation overrides) from parsed flags."""
+def add_baseline_overrides(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("baseline overrides (default: the profile's value)")
+    group.add_argument("--dpsgd-epochs", type=positive_int, help="DP-SGD finetuning epochs per stage")
+    group.add_argument("--dpmerf-steps", type=positive_int, help="DP-Merf generator training steps")
+    group.add_argument("--dpmerf-samples", type=positive_int, help="DP-Merf samples per class to replay")
+    group.add_argument("--dpmerf-eval-epochs", type=positive_int, help="epochs of replay on DP-Merf sets")
+
+
+def profile_overrides(args: argparse.Namespace) -> dict[str, dict]:
+    """Profile overrides by section (see ``fedpsg.profiles.SECTIONS``) from parsed flags."""
     psg = {
         "iterations": args.iterations,
         "outer_loop": args.outer_loop,
@@ -76,7 +89,16 @@ def profile_overrides(args: argparse.Namespace) -> tuple[dict, dict]:
         "num_evals": args.num_evals,
         "augment": False if args.no_augment else None,
     }
-    return psg, evaluation
+    overrides = {"psg": psg, "evaluation": evaluation}
+    if hasattr(args, "dpsgd_epochs"):
+        overrides["dpsgd"] = {"epochs": args.dpsgd_epochs}
+        overrides["dpmerf"] = {"generator_steps": args.dpmerf_steps, "samples_per_class": args.dpmerf_samples}
+        overrides["dpmerf_evaluation"] = {
+            "epochs": args.dpmerf_eval_epochs,
+            "num_evals": args.num_evals,
+            "augment": False if args.no_augment else None,
+        }
+    return overrides
 
 
 def format_epsilon(epsilon: float) -> str:

@@ -30,6 +30,24 @@ class ResumeMismatchError(RuntimeError):
     """The output folder holds a run with different settings."""
 
 
+def _identity(settings: RunSettings) -> dict:
+    return json.loads(json.dumps(settings.to_dict(), default=str))
+
+
+def check_resumable(settings: RunSettings) -> bool:
+    """True if ``settings.out`` holds a run to resume; raise if it holds a different run."""
+    config_path = settings.out / "config.json"
+    if not config_path.exists():
+        return False
+    found, wanted = json.loads(config_path.read_text()), _identity(settings)
+    if found != wanted:
+        changed = sorted(k for k in wanted if found.get(k) != wanted.get(k))
+        raise ResumeMismatchError(
+            f"{settings.out} holds a run with different settings ({', '.join(changed)}); use another --out or delete it"
+        )
+    return True
+
+
 class Coordinator:
     def __init__(self, settings: RunSettings, test: ImageSet) -> None:
         self.settings = settings
@@ -52,19 +70,10 @@ class Coordinator:
         return self.out / "stages" / f"{method}-stage{stage}.json"
 
     def _check_or_write_config(self) -> None:
-        config_path = self.out / "config.json"
-        wanted = json.loads(json.dumps(self.settings.to_dict(), default=str))
-        if config_path.exists():
-            found = json.loads(config_path.read_text())
-            if found != wanted:
-                changed = sorted(k for k in wanted if found.get(k) != wanted.get(k))
-                raise ResumeMismatchError(
-                    f"{self.out} holds a run with different settings ({', '.join(changed)}); "
-                    "use another --out or delete it"
-                )
+        if check_resumable(self.settings):
             log.info("resuming the run in %s", self.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(json.dumps(wanted, indent=2))
+        (self.out / "config.json").write_text(json.dumps(_identity(self.settings), indent=2))
 
     # ----- stage bookkeeping --------------------------------------------------------------------
     def is_done(self, method: str, stage: int) -> bool:
@@ -74,11 +83,15 @@ class Coordinator:
         """Whether the party's reply for this stage is already stored (written last on receipt)."""
         return self._receipt_path(method, stage).exists()
 
+    def architecture(self, method: str) -> dict:
+        config = self.settings.profile.evaluation_for(method)
+        return {"model": config.model, "width": config.width, "depth": config.depth}
+
     def current_model_state(self, method: str, stage: int) -> dict[str, torch.Tensor]:
         """The model to send to the party of ``stage`` (the previous stage's result, else a fresh one)."""
         if stage > 1 and self._model_path(method, stage - 1).exists():
             return torch.load(self._model_path(method, stage - 1), weights_only=True)
-        return new_classifier(self.spec, self.settings.profile.evaluation, self.settings.seed).state_dict()
+        return new_classifier(self.spec, self.settings.profile.evaluation_for(method), self.settings.seed).state_dict()
 
     def rows(self) -> list[dict]:
         paths = sorted((self.out / "stages").glob("*.json"))
@@ -96,6 +109,7 @@ class Coordinator:
         else:
             self._save_model(method, stage, reply.model_state)
         receipt = {"privacy": reply.privacy.to_dict(), "party_seconds": party_seconds}
+        self._receipt_path(method, stage).parent.mkdir(parents=True, exist_ok=True)
         self._receipt_path(method, stage).write_text(json.dumps(receipt, indent=2))
         return self.evaluate_stage(method, stage, party_seconds, reply.privacy.to_dict())
 
@@ -108,6 +122,8 @@ class Coordinator:
         eps = self.settings.epsilon
         if not math.isinf(eps) and not (reply.privacy.epsilon <= eps * (1 + 1e-6)):
             raise ValueError(f"stage {stage}: party spent epsilon={reply.privacy.epsilon}, budget is {eps}")
+        if (reply.images is None) != (method == "dpsgd"):
+            raise ValueError(f"stage {stage}: a {method} party must {'not ' if method == 'dpsgd' else ''}send a set")
         if reply.images is not None and not set(reply.labels.unique().tolist()) <= set(classes):
             raise ValueError(f"stage {stage}: synthetic labels outside the party's classes {classes}")
 
@@ -133,7 +149,7 @@ class Coordinator:
             evaluation, model_state = self._replay(method, stage, test, groups)
             self._save_model(method, stage, model_state)
         else:  # the party released a model (DP-SGD): evaluate it as it is
-            model = new_classifier(self.spec, settings.profile.evaluation)
+            model = new_classifier(self.spec, settings.profile.evaluation_for(method))
             model.load_state_dict(torch.load(self._model_path(method, stage), weights_only=True))
             overall, by_group = accuracy_by_group(model, test, groups, settings.device)
             evaluation = Evaluation([overall], [[g] for g in by_group])
@@ -165,13 +181,13 @@ class Coordinator:
     ) -> tuple[Evaluation, dict[str, torch.Tensor]]:
         settings = self.settings
         union = self.replay_set(method, stage)
-        config = settings.profile.evaluation
+        config = settings.profile.evaluation_for(method)
         if settings.replay == "fresh":  # the paper's protocol: fresh classifiers on the union
             evaluation = evaluate_training_set(
                 union, test, self.spec, config, groups, settings.device, seed=settings.seed + 1000 * stage
             )
             return evaluation, evaluation.model.cpu().state_dict()
-        model = new_classifier(self.spec, config)  # continue training the model received
+        model = new_classifier(self.spec, config)  # continue training the model it holds
         model.load_state_dict(self.current_model_state(method, stage))
         model = train_classifier(union, self.spec, config, settings.device, settings.seed + stage, model=model)
         overall, by_group = accuracy_by_group(model, test, groups, settings.device)

@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         classes = args.classes if args.classes is not None else list(range(spec.num_classes))
         validate_classes(classes, spec.num_classes)
         device = args.device or default_device()
-        psg_overrides, eval_overrides = profile_overrides(args)
-        profile = with_overrides(get_profile(args.profile, device), psg_overrides, eval_overrides)
+        overrides = profile_overrides(args)
+        profile = with_overrides(
+            get_profile(args.profile, device), psg=overrides["psg"], evaluation=overrides["evaluation"]
+        )
         profile.psg.validate()
     except ValueError as err:
         parser.error(str(err))

@@ -8,7 +8,7 @@ A party's reply carries exactly three records, all of them DP outputs or public:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -30,6 +30,7 @@ class TrainRequest:
     seed: int
     hyperparameters: dict  # the method's config dataclass as a dict
     model_state: dict[str, torch.Tensor]
+    architecture: dict = field(default_factory=dict)  # model, width, depth of model_state
 
 
 def encode_train_request(request: TrainRequest) -> RecordDict:
@@ -44,6 +45,7 @@ def encode_train_request(request: TrainRequest) -> RecordDict:
         "seed": request.seed,
     }
     config.update({f"hp.{k}": v for k, v in request.hyperparameters.items() if v is not None})
+    config.update({f"arch.{k}": v for k, v in request.architecture.items()})
     return RecordDict({"config": ConfigRecord(config), "model": ArrayRecord(request.model_state)})
 
 
@@ -60,6 +62,7 @@ def decode_train_request(content: RecordDict) -> TrainRequest:
         seed=int(config["seed"]),
         hyperparameters={k[3:]: v for k, v in config.items() if k.startswith("hp.")},
         model_state=content.array_records["model"].to_torch_state_dict(),
+        architecture={k[5:]: v for k, v in config.items() if k.startswith("arch.")},
     )
 
 

@@ -38,6 +38,9 @@ class Scenario:
     replay: str = "fresh"
     evaluation: dict = field(default_factory=dict)
     psg: dict = field(default_factory=dict)
+    dpsgd: dict = field(default_factory=dict)
+    dpmerf: dict = field(default_factory=dict)
+    dpmerf_evaluation: dict = field(default_factory=dict)
 
     @property
     def stages(self) -> list[list[int]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fedpsg.cli import format_epsilon
 from fedpsg.privacy import validate_budget
-from fedpsg.profiles import Profile, default_device, get_profile, with_overrides
+from fedpsg.profiles import SECTIONS, Profile, default_device, get_profile, with_overrides
 from fedpsg.scenario import METHODS, REPLAY_MODES, Scenario, load_scenario
 
 
@@ -36,13 +36,16 @@ class RunSettings:
         return len(self.scenario.stages)
 
     def to_dict(self) -> dict:
-        """What identifies the run's results (a resumed run must match it)."""
+        """What identifies the run's results (a resumed run must match it).
+
+        The methods are not part of it: each method's stages are independent, so a run can be
+        resumed with more methods than it started with.
+        """
         return {
-            "scenario": asdict(self.scenario),
+            "scenario": {k: v for k, v in asdict(self.scenario).items() if k != "methods"},
             "profile": asdict(self.profile),
             "epsilon": self.epsilon if math.isfinite(self.epsilon) else "inf",
             "delta": self.delta,
-            "methods": list(self.methods),
             "seed": self.seed,
             "replay": self.replay,
         }
@@ -63,8 +66,7 @@ def resolve_settings(
     replay: str | None = None,
     stage_timeout: float = 3600.0,
     data_dir: str | None = None,
-    psg_overrides: dict | None = None,
-    eval_overrides: dict | None = None,
+    overrides: dict[str, dict] | None = None,
 ) -> RunSettings:
     """Merge scenario file and overrides; raise ValueError on anything invalid, before any work."""
     base = load_scenario(scenario)
@@ -87,11 +89,12 @@ def resolve_settings(
     device = device or default_device()
     if not (device == "cpu" or device.startswith("cuda")):
         raise ValueError(f"device must be cpu or cuda[:N], got {device!r}")
-    resolved = with_overrides(
-        get_profile(profile or scenario_obj.profile, device),
-        psg={**scenario_obj.psg, **(psg_overrides or {}), "spc": scenario_obj.spc},
-        evaluation={**scenario_obj.evaluation, **(eval_overrides or {})},
-    )
+    overrides = overrides or {}
+    sections = {  # scenario file first, then the command line
+        section: {**getattr(scenario_obj, section), **(overrides.get(section) or {})} for section in SECTIONS
+    }
+    sections["psg"]["spc"] = scenario_obj.spc
+    resolved = with_overrides(get_profile(profile or scenario_obj.profile, device), **sections)
     resolved.psg.validate()
     out = Path(out) if out else Path("runs") / f"{scenario_obj.name}-eps{format_epsilon(scenario_obj.epsilon)}"
     assert set(scenario_obj.methods) <= set(METHODS) and scenario_obj.replay in REPLAY_MODES

@@ -14,14 +14,18 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from fedpsg.cli import (
+    add_baseline_overrides,
     add_profile_overrides,
+    epsilon_list,
+    format_epsilon,
     open_unit_float,
-    positive_float_or_inf,
     positive_int,
     profile_overrides,
 )
+from fedpsg.coordinator import ResumeMismatchError, check_resumable
 from fedpsg.data import DATA_DIR_ENV, DataNotFoundError, load_images
 from fedpsg.profiles import PROFILES
 from fedpsg.scenario import METHODS, REPLAY_MODES, available_scenarios
@@ -31,7 +35,9 @@ from fedpsg.settings import RunSettings, resolve_settings
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fedpsg.simulate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenario", default="split_fmnist", help=f"one of {available_scenarios()} or a YAML path")
-    parser.add_argument("--eps", type=positive_float_or_inf, default=None, help="each party's epsilon")
+    parser.add_argument(
+        "--eps", type=epsilon_list, default=None, help="each party's epsilon; a list (1,10) runs a sweep"
+    )
     parser.add_argument("--delta", type=open_unit_float, default=None)
     parser.add_argument("--spc", type=positive_int, default=None, help="synthetic images per class (PSG)")
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
@@ -47,28 +53,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--party-cpus", type=float, default=1.0, help="Ray CPUs reserved per party")
     parser.add_argument("--party-gpus", type=float, default=None, help="Ray GPUs per party (default: 1 on CUDA)")
     add_profile_overrides(parser)
+    add_baseline_overrides(parser)
     return parser
 
 
-def settings_from_args(args: argparse.Namespace) -> RunSettings:
-    psg_overrides, eval_overrides = profile_overrides(args)
-    psg_overrides.pop("spc", None)  # --spc is a scenario value
+def settings_from_args(args: argparse.Namespace) -> list[RunSettings]:
+    """One RunSettings per epsilon of the sweep (a sweep puts each run in ``<out>/eps<eps>``)."""
+    epsilons = args.eps or [None]
+    return [settings_for_epsilon(args, eps, len(epsilons) > 1) for eps in epsilons]
+
+
+def settings_for_epsilon(args: argparse.Namespace, epsilon: float | None, sweep: bool) -> RunSettings:
+    overrides = profile_overrides(args)
+    overrides["psg"].pop("spc", None)  # --spc is a scenario value
+    out = args.out
+    if sweep and out:
+        out = Path(out) / f"eps{format_epsilon(epsilon)}"
     return resolve_settings(
         args.scenario,
-        epsilon=args.eps,
+        epsilon=epsilon,
         delta=args.delta,
         spc=args.spc,
         profile=args.profile,
         seed=args.seed,
-        out=args.out,
+        out=out,
         stages=args.stages,
         device=args.device,
         methods=[m.strip() for m in args.methods.split(",")] if args.methods else None,
         replay=args.replay,
         stage_timeout=args.stage_timeout,
         data_dir=args.data_dir,
-        psg_overrides=psg_overrides,
-        eval_overrides=eval_overrides,
+        overrides=overrides,
     )
 
 
@@ -96,20 +111,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings = settings_from_args(args)
-    except ValueError as err:
+        runs = settings_from_args(args)
+        for settings in runs:
+            check_resumable(settings)
+    except (ValueError, ResumeMismatchError) as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:  # fail before starting Ray if the coordinator's test data is missing
-        load_images(settings.scenario.dataset, train=False, data_dir=settings.data_dir)
+        load_images(runs[0].scenario.dataset, train=False, data_dir=runs[0].data_dir)
     except DataNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    simulate(settings, args.ray_address, args.party_cpus, args.party_gpus)
-    if not (settings.out / "DONE").exists():
-        print(f"error: the run did not complete; see {settings.out / 'run.log'}", file=sys.stderr)
-        return 1
-    print(f"results in {settings.out}: results.csv, summary.json, accuracy.png, report.md, grids/")
+    for settings in runs:
+        simulate(settings, args.ray_address, args.party_cpus, args.party_gpus)
+        if not (settings.out / "DONE").exists():
+            print(f"error: the run did not complete; see {settings.out / 'run.log'}", file=sys.stderr)
+            return 1
+        print(f"results in {settings.out}: results.csv, summary.json, accuracy.png, report.md, grids/")
     return 0
 
 

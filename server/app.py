@@ -93,9 +93,8 @@ def run_stage(grid: Grid, node_id: int, request: TrainRequest, timeout: float):
 
 
 def hyperparameters_for(settings: RunSettings, method: str) -> dict:
-    if method == "psg":
-        return asdict(settings.profile.psg)
-    raise ValueError(f"method {method!r} is not available in this coordinator")
+    """The method's config, sent to the party inside the message."""
+    return asdict(getattr(settings.profile, method))
 
 
 def coordinate(grid: Grid, settings: RunSettings) -> Coordinator:
@@ -134,6 +133,7 @@ def coordinate(grid: Grid, settings: RunSettings) -> Coordinator:
                         seed=settings.seed + stage,
                         hyperparameters=hyperparameters_for(settings, method),
                         model_state=coordinator.current_model_state(method, stage),
+                        architecture=coordinator.architecture(method),
                     )
                     reply = run_stage(grid, partitions[partition], request, settings.stage_timeout)
                     row = coordinator.accept(method, stage, classes, reply, time.perf_counter() - started)

@@ -86,3 +86,38 @@ def test_party_refuses_a_request_for_another_partition(party):
     # In a running SuperNode this exception becomes an error reply to the coordinator.
     with pytest.raises(ValueError, match="partition 0"):
         send(encode_train_request(request), "train.psg", party)
+
+
+def test_dpsgd_reply_carries_only_the_model_and_the_privacy_record(party):
+    spec = dataset_spec("fmnist")
+    model_state = new_classifier(spec, TINY.evaluation, seed=3).state_dict()
+    dpsgd = replace(TINY.dpsgd, epochs=1)
+    arch = {"model": "convnet", "width": TINY.evaluation.width, "depth": TINY.evaluation.depth}
+    request = TrainRequest("dpsgd", 2, 1, "fmnist", CLASSES, 10.0, 1e-5, 7, asdict(dpsgd), model_state, arch)
+    reply = send(encode_train_request(request), "train.dpsgd", party)
+    content = reply.content
+    assert set(content.keys()) == {"model", "privacy"}
+    assert set(content.array_records.keys()) == {"model"} and not content.metric_records
+    returned = content.array_records["model"].to_torch_state_dict()
+    assert returned.keys() == model_state.keys()
+    assert any(not torch.equal(returned[k], model_state[k]) for k in model_state)  # it was DP-trained
+    record = PrivacyRecord.from_dict(dict(content.config_records["privacy"]))
+    assert record.epsilon == pytest.approx(10.0, rel=1e-3) and record.max_grad_norm == dpsgd.max_grad_norm
+
+
+def test_dpmerf_reply_carries_generated_samples_not_training_images(party, data_dir):
+    spec = dataset_spec("fmnist")
+    model_state = new_classifier(spec, TINY.dpmerf_evaluation, seed=3).state_dict()
+    dpmerf = replace(TINY.dpmerf, generator_steps=20, samples_per_class=10)
+    request = TrainRequest("dpmerf", 2, 1, "fmnist", CLASSES, 10.0, 1e-5, 7, asdict(dpmerf), model_state)
+    reply = send(encode_train_request(request), "train.dpmerf", party)
+    content = reply.content
+    assert set(content.keys()) == REPLY_KEYS and not content.metric_records
+    synthetic = content.array_records["synthetic"].to_torch_state_dict()
+    assert set(synthetic) == {"images", "labels"} and synthetic["images"].shape == (20, 1, 28, 28)
+    train = load_images("fmnist", train=True, data_dir=data_dir)
+    assert float(torch.cdist(synthetic["images"].flatten(1), train.images.flatten(1)).min()) > 1.0
+    returned = content.array_records["model"].to_torch_state_dict()
+    assert all(torch.equal(returned[k], model_state[k]) for k in model_state)
+    record = PrivacyRecord.from_dict(dict(content.config_records["privacy"]))
+    assert record.epsilon == pytest.approx(10.0, rel=1e-3) and record.steps == 1

@@ -24,12 +24,13 @@ def simulate(out, data_dir, *extra):
 @pytest.mark.slow
 def test_five_stage_run_resumes_after_interruption_and_writes_consistent_results(tmp_path, data_dir):
     out = tmp_path / "run"
-    # An "interrupted" run: only the first two stages finished.
-    simulate(out, data_dir, "--stages", "2")
+    # An "interrupted" run: only the first two PSG stages finished.
+    simulate(out, data_dir, "--stages", "2", "--methods", "psg")
     first_sets = {p.name: p.stat().st_mtime_ns for p in (out / "sets" / "psg").glob("stage*.pt")}
     assert sorted(first_sets) == ["stage1.pt", "stage2.pt"]
 
-    simulate(out, data_dir)  # resume: stages 1-2 are loaded, 3-5 run
+    # Resume: PSG stages 1-2 are loaded, 3-5 run; then both baselines run all five stages.
+    simulate(out, data_dir, "--methods", "psg,dpsgd,dpmerf")
     log = (out / "run.log").read_text()
     assert "psg stage 1/5 already done: skipped" in log and "psg stage 2/5 already done: skipped" in log
     for name, mtime in first_sets.items():  # finished stages were not redone
@@ -39,7 +40,18 @@ def test_five_stage_run_resumes_after_interruption_and_writes_consistent_results
         assert (out / name).exists(), name
     for stage in range(1, 6):
         assert (out / "grids" / f"psg-stage{stage}.png").stat().st_size > 0
-    frame = pd.read_csv(out / "results.csv")
+        assert (out / "grids" / f"dpmerf-stage{stage}.png").stat().st_size > 0
+    assert not list((out / "grids").glob("dpsgd*"))  # DP-SGD parties release only a model
+    everything = pd.read_csv(out / "results.csv")
+    assert sorted(everything["method"].unique()) == ["dpmerf", "dpsgd", "psg"]  # three curves
+    for method, rows in everything.groupby("method"):
+        assert rows["stage"].tolist() == [1, 2, 3, 4, 5], method
+        assert (rows["epsilon"] <= 10.0).all() and (rows["epsilon"] > 10.0 * (1 - 1e-3)).all(), method
+    final = everything.groupby("method")["accuracy"].last()
+    # The forgetting effect the platform exists to show: finetuning without replay ends below PSG.
+    assert final["dpsgd"] < final["psg"]
+    assert "| dpsgd |" in (out / "report.md").read_text()
+    frame = everything[everything["method"] == "psg"].reset_index(drop=True)
     assert frame["stage"].tolist() == [1, 2, 3, 4, 5]
     assert frame["classes"].tolist() == ["5 6", "1 2", "0 8", "9 3", "4 7"]
     # stage k reports accuracy on stages 1..k's classes and nothing beyond
@@ -53,8 +65,11 @@ def test_five_stage_run_resumes_after_interruption_and_writes_consistent_results
     assert summary["final_accuracy"]["psg"] == pytest.approx(frame["accuracy"].iloc[-1])
 
 
-def test_resume_with_different_settings_is_refused(tmp_path, data_dir):
+def test_resume_with_different_settings_is_refused(tmp_path, data_dir, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"epsilon": 1.0}))
+    with pytest.raises(SystemExit):
+        main(["--profile", "tiny", "--out", str(tmp_path)])
+    assert "different settings" in capsys.readouterr().err
     from fedpsg.coordinator import Coordinator, ResumeMismatchError
     from fedpsg.data import load_images
     from fedpsg.settings import resolve_settings
