@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Set everything up and run the main job with the CPU profile.
+# Set everything up and run the main job: the federated three-method comparison (CPU profile off-GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/ensure_data.sh
-.venv/bin/python -m fedpsg.generate --dataset fmnist --classes 5,6 --eps 10 --spc 10 "$@"
+.venv/bin/python -m fedpsg.simulate --scenario split_fmnist --eps 10 --methods psg,dpsgd,dpmerf "$@"
