@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/ensure_data.sh
-.venv/bin/python -m fedpsg.simulate --scenario split_fmnist --eps 10 --methods psg,dpsgd,dpmerf "$@"
+.venv/bin/python -m fedpsg.simulate --scenario split_fmnist --eps 10 "$@"

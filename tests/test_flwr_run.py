@@ -41,7 +41,7 @@ def test_flwr_run_on_a_simulation_superlink(tmp_path, data_dir):
                     break
             time.sleep(0.5)
         out = tmp_path / "out"
-        run_config = f'profile="tiny" stages=1 out="{out}"'
+        run_config = f'profile="tiny" stages=1 methods="psg" out="{out}"'
         result = subprocess.run(
             [BIN / "flwr", "run", ".", "sim", "--stream", "--run-config", run_config, "--federation-config",
              "num-supernodes=5 client-resources-num-cpus=1 init-args-num-cpus=2"],
