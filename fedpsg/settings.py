@@ -26,6 +26,8 @@ class RunSettings:
     replay: str
     stage_timeout: float  # seconds the coordinator waits for one party's reply
     data_dir: str | None = None  # the coordinator's root for the public test images
+    reconnect_timeout: float = 600.0  # seconds to wait for a vanished party to come back
+    stage_retries: int = 2  # times a stage is re-sent after its party vanished
 
     @property
     def stages(self) -> list[list[int]]:
@@ -66,6 +68,8 @@ def resolve_settings(
     replay: str | None = None,
     stage_timeout: float = 3600.0,
     data_dir: str | None = None,
+    reconnect_timeout: float = 600.0,
+    stage_retries: int = 2,
     overrides: dict[str, dict] | None = None,
 ) -> RunSettings:
     """Merge scenario file and overrides; raise ValueError on anything invalid, before any work."""
@@ -84,8 +88,8 @@ def resolve_settings(
         raise ValueError(f"spc must be >= 1, got {scenario_obj.spc}")
     if stages is not None and not 1 <= stages <= len(base.stages):
         raise ValueError(f"--stages must be in 1..{len(base.stages)}, got {stages}")
-    if stage_timeout <= 0:
-        raise ValueError("stage timeout must be > 0 seconds")
+    if stage_timeout <= 0 or reconnect_timeout <= 0 or stage_retries < 0:
+        raise ValueError("stage and reconnect timeouts must be > 0 seconds, stage retries >= 0")
     device = device or default_device()
     if not (device == "cpu" or device.startswith("cuda")):
         raise ValueError(f"device must be cpu or cuda[:N], got {device!r}")
@@ -111,4 +115,6 @@ def resolve_settings(
         replay=scenario_obj.replay,
         stage_timeout=stage_timeout,
         data_dir=data_dir,
+        reconnect_timeout=reconnect_timeout,
+        stage_retries=stage_retries,
     )

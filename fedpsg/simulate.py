@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stages", type=positive_int, default=None, help="run only the first N stages")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--stage-timeout", type=float, default=3600.0, help="seconds to wait for one party")
+    parser.add_argument(
+        "--reconnect-timeout", type=float, default=600.0, help="seconds to wait for a vanished party to return"
+    )
+    parser.add_argument("--stage-retries", type=int, default=2, help="re-sends of a stage whose party vanished")
     parser.add_argument("--ray-address", default=None, help="run on an existing Ray cluster (e.g. 'auto')")
     parser.add_argument("--party-cpus", type=float, default=1.0, help="Ray CPUs reserved per party")
     parser.add_argument("--party-gpus", type=float, default=None, help="Ray GPUs per party (default: 1 on CUDA)")
@@ -82,6 +86,8 @@ def settings_for_epsilon(args: argparse.Namespace, epsilon: float | None, sweep:
         methods=[m.strip() for m in args.methods.split(",")] if args.methods else None,
         replay=args.replay,
         stage_timeout=args.stage_timeout,
+        reconnect_timeout=args.reconnect_timeout,
+        stage_retries=args.stage_retries,
         data_dir=args.data_dir,
         overrides=overrides,
     )

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict
 
 from flwr.app import Context, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedpsg.coordinator import Coordinator
@@ -26,6 +27,19 @@ log = logging.getLogger("fedpsg.server")
 
 class PartyError(RuntimeError):
     """A party failed or did not answer in time."""
+
+
+class PartyUnavailable(PartyError):
+    """The party's node went away (or never answered): worth waiting for it to come back."""
+
+
+# Error codes that mean "the node or its reply is gone", not "the party's code failed".
+RETRYABLE_ERRORS = {
+    ErrorCode.NODE_UNAVAILABLE,
+    ErrorCode.MESSAGE_UNAVAILABLE,
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+    ErrorCode.CLIENT_APP_CRASHED,
+}
 
 
 def settings_from_run_config(config: dict) -> RunSettings:
@@ -49,30 +63,43 @@ def settings_from_run_config(config: dict) -> RunSettings:
         methods=str(methods).split(",") if methods else None,
         replay=get("replay"),
         stage_timeout=float(get("stage-timeout", 3600.0)),
+        reconnect_timeout=float(get("reconnect-timeout", 600.0)),
+        stage_retries=int(get("stage-retries", 2)),
         data_dir=get("data-dir"),
     )
 
 
-def discover_partitions(grid: Grid, num_partitions: int, timeout: float) -> dict[int, int]:
-    """Map partition id -> node id by asking every connected node (node ids are random)."""
-    deadline = time.monotonic() + timeout
-    node_ids = list(grid.get_node_ids())
-    while len(node_ids) < num_partitions and time.monotonic() < deadline:
-        time.sleep(1.0)
-        node_ids = list(grid.get_node_ids())
-    queries = [
-        Message(RecordDict(), dst_node_id=node_id, message_type="query.whoami", ttl=timeout) for node_id in node_ids
-    ]
+def ask_partitions(grid: Grid, node_ids: list[int], timeout: float) -> dict[int, int]:
+    """Partition id -> node id, from the nodes among ``node_ids`` that answer ``query.whoami``."""
+    queries = [Message(RecordDict(), dst_node_id=n, message_type="query.whoami", ttl=timeout) for n in node_ids]
     partitions: dict[int, int] = {}
-    for reply in grid.send_and_receive(queries, timeout=timeout):
+    for reply in grid.send_and_receive(queries, timeout=timeout) if queries else []:
         if reply.has_error():
             log.warning("node %s did not answer whoami: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
         partitions[int(reply.content.config_records["party"]["partition-id"])] = reply.metadata.src_node_id
-    missing = sorted(set(range(num_partitions)) - set(partitions))
-    if missing:
-        raise PartyError(f"no node holds partition(s) {missing} after {timeout:.0f} s ({len(node_ids)} nodes online)")
     return partitions
+
+
+def discover_partitions(grid: Grid, wanted: list[int], timeout: float, poll: float = 2.0) -> dict[int, int]:
+    """Map each wanted partition id to a node id (node ids are random), waiting up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    partitions: dict[int, int] = {}
+    asked: set[int] = set()
+    while True:
+        online = list(grid.get_node_ids())
+        new = [n for n in online if n not in asked]
+        asked.update(new)
+        partitions.update(ask_partitions(grid, new, timeout=min(60.0, timeout)))
+        partitions = {p: n for p, n in partitions.items() if n in online}
+        missing = sorted(set(wanted) - set(partitions))
+        if not missing:
+            return partitions
+        if time.monotonic() > deadline:
+            raise PartyUnavailable(
+                f"no node holds partition(s) {missing} after {timeout:.0f} s ({len(online)} nodes online)"
+            )
+        time.sleep(poll)
 
 
 def run_stage(grid: Grid, node_id: int, request: TrainRequest, timeout: float):
@@ -86,10 +113,33 @@ def run_stage(grid: Grid, node_id: int, request: TrainRequest, timeout: float):
     replies = list(grid.send_and_receive([message], timeout=timeout))
     where = f"stage {request.stage} ({request.method}, partition {request.partition})"
     if not replies:
-        raise PartyError(f"{where}: no reply within {timeout:.0f} s")
+        raise PartyUnavailable(f"{where}: no reply within {timeout:.0f} s")
     if replies[0].has_error():
-        raise PartyError(f"{where}: the party failed: {replies[0].error.reason}")
+        error = replies[0].error
+        kind = PartyUnavailable if error.code in RETRYABLE_ERRORS else PartyError
+        raise kind(f"{where}: the party failed: {error.reason}")
     return decode_reply(replies[0].content)
+
+
+def run_stage_with_retries(grid: Grid, partitions: dict[int, int], request: TrainRequest, settings: RunSettings):
+    """Run a stage; if the party's node disappears, wait (bounded) for it to come back and retry."""
+    for attempt in range(settings.stage_retries + 1):
+        try:
+            return run_stage(grid, partitions[request.partition], request, settings.stage_timeout)
+        except PartyUnavailable as err:
+            if attempt == settings.stage_retries:
+                raise PartyError(f"{err}; gave up after {attempt + 1} attempts") from err
+            log.warning("%s; waiting up to %.0f s for partition %d to come back", err, settings.reconnect_timeout,
+                        request.partition)  # fmt: skip
+            gone = partitions.pop(request.partition)
+            while True:
+                found = discover_partitions(grid, [request.partition], settings.reconnect_timeout)
+                if found[request.partition] != gone:  # a restarted SuperNode has a new node id
+                    break
+                time.sleep(2.0)
+            partitions.update(found)
+            log.info("partition %d is back (node %s): retrying stage %d", request.partition,
+                     found[request.partition], request.stage)  # fmt: skip
 
 
 def hyperparameters_for(settings: RunSettings, method: str) -> dict:
@@ -107,7 +157,7 @@ def coordinate(grid: Grid, settings: RunSettings) -> Coordinator:
     try:
         test = load_images(settings.scenario.dataset, train=False, data_dir=settings.data_dir)
         coordinator = Coordinator(settings, test)
-        partitions = discover_partitions(grid, settings.num_partitions, timeout=min(settings.stage_timeout, 300))
+        partitions = discover_partitions(grid, list(range(settings.num_partitions)), settings.reconnect_timeout)
         log.info("partitions -> nodes: %s", partitions)
         for method in settings.methods:
             for stage, classes in enumerate(settings.stages, start=1):
@@ -135,7 +185,7 @@ def coordinate(grid: Grid, settings: RunSettings) -> Coordinator:
                         model_state=coordinator.current_model_state(method, stage),
                         architecture=coordinator.architecture(method),
                     )
-                    reply = run_stage(grid, partitions[partition], request, settings.stage_timeout)
+                    reply = run_stage_with_retries(grid, partitions, request, settings)
                     row = coordinator.accept(method, stage, classes, reply, time.perf_counter() - started)
                 eps = row["epsilon"]
                 log.info(
