@@ -150,6 +150,7 @@ def hyperparameters_for(settings: RunSettings, method: str) -> dict:
 def coordinate(grid: Grid, settings: RunSettings) -> Coordinator:
     """The whole run: discovery, then every method's stages in order."""
     settings.out.mkdir(parents=True, exist_ok=True)
+    (settings.out / "DONE").unlink(missing_ok=True)  # written again only if this run completes
     handler = logging.FileHandler(settings.out / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("fedpsg").addHandler(handler)
