@@ -123,23 +123,23 @@ def run_stage(grid: Grid, node_id: int, request: TrainRequest, timeout: float):
 
 def run_stage_with_retries(grid: Grid, partitions: dict[int, int], request: TrainRequest, settings: RunSettings):
     """Run a stage; if the party's node disappears, wait (bounded) for it to come back and retry."""
+    where = f"stage {request.stage} ({request.method}, partition {request.partition})"
     for attempt in range(settings.stage_retries + 1):
         try:
             return run_stage(grid, partitions[request.partition], request, settings.stage_timeout)
         except PartyUnavailable as err:
             if attempt == settings.stage_retries:
                 raise PartyError(f"{err}; gave up after {attempt + 1} attempts") from err
-            log.warning("%s; waiting up to %.0f s for partition %d to come back", err, settings.reconnect_timeout,
-                        request.partition)  # fmt: skip
-            gone = partitions.pop(request.partition)
-            while True:
-                found = discover_partitions(grid, [request.partition], settings.reconnect_timeout)
-                if found[request.partition] != gone:  # a restarted SuperNode has a new node id
-                    break
-                time.sleep(2.0)
-            partitions.update(found)
-            log.info("partition %d is back (node %s): retrying stage %d", request.partition,
-                     found[request.partition], request.stage)  # fmt: skip
+            log.warning(
+                "%s; waiting up to %.0f s for partition %d to come back",
+                err, settings.reconnect_timeout, request.partition,
+            )  # fmt: skip
+        try:  # a restarted SuperNode has a new node id: find it again
+            partitions.update(discover_partitions(grid, [request.partition], settings.reconnect_timeout))
+        except PartyUnavailable as err:
+            raise PartyError(f"{where}: the party did not come back ({err})") from err
+        log.info("partition %d is back (node %s): retrying stage %d", request.partition,
+                 partitions[request.partition], request.stage)  # fmt: skip
 
 
 def hyperparameters_for(settings: RunSettings, method: str) -> dict:
