@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -13,3 +14,12 @@ def data_dir() -> Path:
     if not (root / "MNIST" / "raw").exists():
         pytest.fail(f"real data not found under {root}: set FEDPSG_DATA_DIR")
     return root
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models: intra-op threads only fight each other on a small CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

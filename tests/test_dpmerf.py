@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
 from fedpsg import dpmerf
-from fedpsg.data import DataNotFoundError, ImageSet, dataset_spec, load_images
+from fedpsg.data import ImageSet, dataset_spec, load_images
 from fedpsg.dpmerf import (
     DPMERF_KERNEL_WIDTH,
     DPMerfConfig,
@@ -23,18 +22,11 @@ from fedpsg.dpmerf import (
 )
 from fedpsg.privacy import epsilon_spent
 
-DATA_DIR = os.environ.get("FEDPSG_DATA_DIR", "/work/shared/data")
 DIM = 784
 WIDTH = DPMERF_KERNEL_WIDTH["fmnist"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny models on a small shared CPU: intra-op threads only fight each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def frequencies(num_features: int = 1000, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -231,13 +223,10 @@ def test_generator_trains_from_the_noisy_embedding_alone():
 
 
 @pytest.fixture(scope="module")
-def fmnist_party() -> tuple[ImageSet, ImageSet]:
+def fmnist_party(data_dir) -> tuple[ImageSet, ImageSet]:
     """3000 FashionMNIST training images of classes 5 and 6, and all their test images."""
-    try:
-        train = load_images("fmnist", train=True, data_dir=DATA_DIR).only_classes([5, 6])
-        test = load_images("fmnist", train=False, data_dir=DATA_DIR).only_classes([5, 6])
-    except DataNotFoundError as err:
-        pytest.skip(f"FashionMNIST not available: {err}")
+    train = load_images("fmnist", train=True, data_dir=data_dir).only_classes([5, 6])
+    test = load_images("fmnist", train=False, data_dir=data_dir).only_classes([5, 6])
     keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:3000]
     return ImageSet(train.images[keep], train.labels[keep]), test
 

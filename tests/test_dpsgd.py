@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -12,31 +11,21 @@ from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedpsg import dpsgd
-from fedpsg.data import DataNotFoundError, ImageSet, load_images
+from fedpsg.data import ImageSet, load_images
 from fedpsg.dpsgd import DPSGDConfig, dpsgd_finetune, dpsgd_schedule
 from fedpsg.models import build_model
 from fedpsg.privacy import RDP_ORDERS
 
-DATA_DIR = os.environ.get("FEDPSG_DATA_DIR", "/work/shared/data")
 CONFIG = DPSGDConfig(epochs=1, batch_size=128)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny models on a small shared CPU: intra-op threads only fight each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def party_data() -> ImageSet:
+def party_data(data_dir) -> ImageSet:
     """1000 random FashionMNIST training images of the first party's classes (5, 6)."""
-    try:
-        train = load_images("fmnist", train=True, data_dir=DATA_DIR)
-    except DataNotFoundError as err:
-        pytest.skip(f"FashionMNIST not available: {err}")
+    train = load_images("fmnist", train=True, data_dir=data_dir)
     part = train.only_classes([5, 6])
     keep = torch.randperm(len(part), generator=torch.Generator().manual_seed(0))[:1000]
     return ImageSet(part.images[keep], part.labels[keep])
