@@ -74,5 +74,16 @@ def write_summary(frame: pd.DataFrame, out: Path, settings: dict, extra: dict) -
         "stages": frame.to_dict(orient="records"),
         **extra,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "summary.json").write_text(json.dumps(_strict_json(summary), indent=2, default=str, allow_nan=False))
     return summary
+
+
+def _strict_json(value):
+    """Infinite epsilons (non-private runs) and NaNs become strings: summary.json stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
