@@ -172,7 +172,17 @@ class LocalDeployment:
     def start_superlink(self) -> None:
         database = str(self.workdir / "superlink-state.db")
         process = self._spawn("superlink", superlink_command(self.superlink_port, database, self.tls_dir, self.auth))
-        _wait_for_port(self.superlink_port, 60, process)
+        _wait_for_port(self.superlink_port, 180, process)
+        # An open port is not a ready Control API: wait until `flwr ls` answers.
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                self.flwr("ls", CONNECTION, "--format", "json", timeout=60)
+                return
+            except RuntimeError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
 
     def start_supernode(self, partition: int) -> None:
         key = self.tls_dir / f"node-{partition}" if self.auth else None

@@ -24,6 +24,7 @@ def free_port() -> int:
 def test_flwr_run_on_a_simulation_superlink(tmp_path, data_dir):
     port = free_port()
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "FEDPSG_DATA_DIR": str(data_dir)}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the SuperLink starts flower-superexec from PATH
     (tmp_path / "flwr").mkdir()
     (tmp_path / "flwr" / "config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
@@ -34,12 +35,11 @@ def test_flwr_run_on_a_simulation_superlink(tmp_path, data_dir):
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.5)
+        # Ready when its Control API answers (an open port alone is not enough).
+        deadline = time.monotonic() + 180
+        while subprocess.run([BIN / "flwr", "ls", "sim"], env=env, capture_output=True).returncode != 0:
+            assert superlink.poll() is None and time.monotonic() < deadline, "the SuperLink did not come up"
+            time.sleep(1.0)
         out = tmp_path / "out"
         run_config = f'profile="tiny" stages=1 methods="psg" out="{out}"'
         result = subprocess.run(
