@@ -98,7 +98,6 @@ def train_dpsgd(msg: Message, context: Context) -> Message:
         delta=request.delta,
         config=config_from_hyperparameters(DPSGDConfig, request.hyperparameters),
         device=device,
-        seed=request.seed,
     )
     # Only the DP-trained model and its privacy record leave the party.
     return _reply(msg, StageReply(record, {k: v.cpu() for k, v in model.state_dict().items()}))

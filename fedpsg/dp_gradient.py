@@ -20,8 +20,13 @@ from dataclasses import dataclass
 
 import torch
 from opacus.grad_sample import GradSampleModule
+from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from fedpsg.privacy import gaussian_mechanism
+from fedpsg.secret import secret_generator
 
 GradSampler = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[nn.Parameter, torch.Tensor]]
 
@@ -117,7 +122,26 @@ def _grad_sampler(layer: nn.Module) -> GradSampler:
     return lambda module, activation, backprop: opacus_rule(module, [activation], backprop)
 
 
+def check_examples_independent(model: nn.Module) -> None:
+    """Reject models in which one example's output depends on other examples of the batch.
+
+    Per-example clipping bounds one example's influence only if nothing else in the batch sees
+    it. Batch norm mixes the batch (with or without affine parameters, and its running
+    statistics carry private data from step to step); Opacus's validators know these and
+    other offenders, but run only on trainable modules, so they are applied here to every module.
+    """
+    batch_norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    problems = [f"{type(m).__name__}: mixes the examples of a batch" for m in batch_norms]
+    for module in model.modules():
+        validator = ModuleValidator.VALIDATORS.get(type(module))
+        if validator is not None and not isinstance(module, _BatchNorm):
+            problems.extend(f"{type(module).__name__}: {error}" for error in validator(module))
+    if problems:
+        raise ValueError("model unfit for per-example DP gradients: " + "; ".join(problems))
+
+
 def _layers_with_parameters(model: nn.Module) -> list[nn.Module]:
+    check_examples_independent(model)
     layers = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
     unsupported = [type(m).__name__ for m in layers if type(m) not in GradSampleModule.GRAD_SAMPLERS]
     if unsupported:
@@ -218,15 +242,11 @@ def private_gradient(
 ) -> list[torch.Tensor]:
     """The Gaussian mechanism on the clipped sum: ``(sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / B``.
 
-    Dividing by the *expected* batch size (not the drawn one) keeps the sensitivity at C/B
-    under Poisson sampling, as in Opacus.
+    One release (one call of :func:`fedpsg.privacy.gaussian_mechanism`) per call. ``generator``
+    is the party's secret noise source (default: fresh OS entropy). Dividing by the *expected* batch size (not the drawn
+    one) keeps the sensitivity at C/B under Poisson sampling, as in Opacus.
     """
     clipped = clipped_gradient_sum(model, images, labels, max_grad_norm)
     std = noise_multiplier * max_grad_norm
-    noisy = []
-    for grad in clipped.grads:
-        if std > 0:
-            noise = torch.randn(grad.shape, generator=generator, device=grad.device, dtype=grad.dtype)
-            grad = grad + std * noise
-        noisy.append(grad / expected_batch_size)
-    return noisy
+    noisy = gaussian_mechanism(clipped.grads, std, generator or secret_generator(clipped.grads[0].device))
+    return [grad / expected_batch_size for grad in noisy]

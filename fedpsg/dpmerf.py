@@ -22,7 +22,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fedpsg.data import ImageSet, dataset_spec
-from fedpsg.privacy import PrivacyRecord, calibrate_noise, epsilon_spent, validate_budget
+from fedpsg.privacy import ADJACENCIES, PrivacyRecord, gaussian_mechanism, private_record, validate_budget
+from fedpsg.secret import SecretRandomness, secret_generator
 
 __all__ = [
     "DPMERF_KERNEL_WIDTH",
@@ -60,6 +61,7 @@ class DPMerfConfig:
     hidden_dim: int = 200
     samples_per_class: int = 6000
     accountant: str = "rdp"
+    adjacency: str = "add-remove"  # or "replace-one", DP-Merf's own (twice the noise); see embedding_sensitivity
 
     def __post_init__(self) -> None:
         if self.num_features < 2 or self.num_features % 2:
@@ -70,6 +72,8 @@ class DPMerfConfig:
             raise ValueError("generator_steps, batch_size, latent_dim, hidden_dim and lr_decay_every must be >= 1")
         if self.samples_per_class < 0:
             raise ValueError("samples_per_class must be >= 0")
+        if self.adjacency not in ADJACENCIES:
+            raise ValueError(f"adjacency must be one of {ADJACENCIES}, got {self.adjacency!r}")
 
     def resolved_kernel_width(self, dataset: str) -> float:
         if self.kernel_width is not None:
@@ -127,23 +131,27 @@ def mean_embedding(
     return total / len(labels)
 
 
-def embedding_sensitivity(n: int) -> float:
-    """L2 sensitivity ``2 / n`` of :func:`mean_embedding` under replace-one adjacency.
+def embedding_sensitivity(n: int, adjacency: str = "add-remove") -> float:
+    """L2 sensitivity of :func:`mean_embedding` over ``n`` examples, ``n`` public.
 
-    Adjacency: two datasets of the same, public size ``n`` are neighbours when one example
-    ``(x, y)`` is replaced by any ``(x', y')`` (``y'`` among the party's classes). Then
-    ``emb(D) - emb(D') = (phi(x) ⊗ e_y - phi(x') ⊗ e_y') / n``, and each term has norm
-    ``||phi|| * ||e|| = 1``, so the difference is at most ``2 / n`` (triangle inequality).
-    With ``y != y'`` the terms are orthogonal and the difference is exactly ``sqrt(2) / n``;
-    with ``y = y'`` it is ``||phi(x) - phi(x')|| / n``, which reaches ``2 / n`` when
-    ``phi(x') = -phi(x)`` (solvable whenever the ``D/2`` frequencies are linearly
-    independent, ``D/2 <= dim``) and comes within a few percent of it inside ``[0, 1]^dim``.
-    So ``2 / n`` is the supremum, as used by DP-Merf. (Add/remove-one adjacency would change
-    ``n`` itself and needs a different analysis.)
+    Each example contributes ``phi(x) ⊗ onehot(y) / n``, of norm exactly ``1 / n``
+    (``||phi|| = ||e_y|| = 1``).
+
+    * ``"add-remove"`` (the default, as PSG and DP-SGD): neighbours differ by one example. The
+      release is the noisy *sum* divided by the public ``n``, so adding or removing an example
+      moves it by one term: sensitivity ``1 / n``.
+    * ``"replace-one"`` (DP-Merf's paper): neighbours have the same size and differ in one
+      example ``(x, y) -> (x', y')``; the difference ``(phi(x) ⊗ e_y - phi(x') ⊗ e_y') / n``
+      reaches ``2 / n`` in norm (``phi(x') = -phi(x)`` is solvable whenever the ``D/2``
+      frequencies are linearly independent), so ``2 / n``: twice the noise for the same epsilon.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    return 2.0 / n
+    if adjacency == "add-remove":
+        return 1.0 / n
+    if adjacency == "replace-one":
+        return 2.0 / n
+    raise ValueError(f"unknown adjacency {adjacency!r}; available: {', '.join(ADJACENCIES)}")
 
 
 def release_embedding(
@@ -154,29 +162,21 @@ def release_embedding(
     delta: float,
     generator: torch.Generator | None = None,
     accountant: str = "rdp",
+    adjacency: str = "add-remove",
 ) -> tuple[torch.Tensor, PrivacyRecord]:
     """The Gaussian mechanism on a mean embedding of ``n`` examples: one ``(epsilon, delta)`` release.
 
-    Noise std is ``sigma * embedding_sensitivity(n)`` with ``sigma`` calibrated for a single,
-    non-subsampled Gaussian mechanism. ``epsilon = inf`` returns the embedding unchanged.
+    Noise std is ``sigma * embedding_sensitivity(n, adjacency)`` with ``sigma`` calibrated for a
+    single, non-subsampled Gaussian mechanism; ``generator`` is the party's secret noise source
+    (default: fresh OS entropy).
+    ``epsilon = inf`` returns the embedding unchanged.
     """
     validate_budget(epsilon, delta)
-    sigma = calibrate_noise(epsilon, delta, sample_rate=1.0, steps=1, accountant=accountant)
-    noisy = emb.clone()
-    if sigma > 0:
-        noise = torch.randn(emb.shape, generator=generator, device=emb.device, dtype=emb.dtype)
-        noisy += sigma * embedding_sensitivity(n) * noise
-    spent = epsilon_spent(sigma, 1.0, 1, delta, accountant) if sigma > 0 else math.inf
-    record = PrivacyRecord(
-        epsilon=spent,
-        delta=delta,
-        noise_multiplier=sigma,
-        steps=1,
-        sample_rate=1.0,
-        accountant=accountant,
-        max_grad_norm=None,
-        mechanism="gaussian",
+    record = private_record(
+        epsilon, delta, 1.0, 1, accountant, mechanism="gaussian", adjacency=adjacency, dataset_size=n
     )
+    std = record.noise_multiplier * embedding_sensitivity(n, adjacency)
+    (noisy,) = gaussian_mechanism([emb], std, generator or secret_generator(emb.device))
     return noisy, record
 
 
@@ -312,13 +312,16 @@ def dpmerf_generate(
     config: DPMerfConfig,
     device: str = "cpu",
     seed: int = 0,
+    secret: SecretRandomness | None = None,
 ) -> tuple[ImageSet, PrivacyRecord]:
     """Release one DP mean embedding of ``data`` and generate ``samples_per_class`` images per class.
 
     ``data`` is a party's partition (normalised images, labels in ``classes``). The returned
     images are normalised like the real data, with the original class ids as labels; the
-    record is the single Gaussian release under replace-one adjacency (see
-    :func:`embedding_sensitivity`).
+    record is the single Gaussian release under ``config.adjacency`` (see
+    :func:`embedding_sensitivity`). ``seed`` is public (frequencies, generator training and
+    sampling: post-processing); the release's noise comes from ``secret`` (default: fresh OS
+    entropy).
     """
     validate_budget(epsilon, delta)
     spec = dataset_spec(dataset)
@@ -346,9 +349,15 @@ def dpmerf_generate(
     indices = (data.labels.view(-1, 1) == class_ids.view(1, -1)).int().argmax(dim=1).to(device)
     emb = mean_embedding(pixels, indices, frequencies, len(classes))
     del pixels, indices
-    noise_rng = torch.Generator(device=device).manual_seed(seed + 1)
+    secret = secret or SecretRandomness.fresh(device)
     noisy_emb, record = release_embedding(
-        emb, len(data), epsilon=epsilon, delta=delta, generator=noise_rng, accountant=config.accountant
+        emb,
+        len(data),
+        epsilon=epsilon,
+        delta=delta,
+        generator=secret.noise,
+        accountant=config.accountant,
+        adjacency=config.adjacency,
     )
     del emb
 

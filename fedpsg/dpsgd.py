@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from fedpsg.data import ImageSet
-from fedpsg.privacy import PrivacyRecord, calibrate_noise, epsilon_spent, validate_budget
+from fedpsg.privacy import PrivacyRecord, private_record, validate_budget
+from fedpsg.secret import SecretRandomness
 
 __all__ = ["DPSGDConfig", "DPSGDSchedule", "dpsgd_finetune", "dpsgd_schedule"]
 
@@ -79,9 +80,12 @@ def dpsgd_finetune(
     delta: float,
     config: DPSGDConfig,
     device: str = "cpu",
-    seed: int = 0,
+    secret: SecretRandomness | None = None,
 ) -> PrivacyRecord:
     """Finetune ``model`` in place on ``data`` (real labels) with ``(epsilon, delta)``-DP-SGD.
+
+    Which examples each batch holds and Opacus's noise come from ``secret`` (default: fresh OS
+    entropy); there is no public randomness, the model to finetune is given.
 
     The model is moved to ``device`` and left there, holding the trained weights as a plain
     ``nn.Module`` (no Opacus wrapper, hooks or ``grad_sample`` attributes). ``epsilon = inf``
@@ -95,33 +99,47 @@ def dpsgd_finetune(
         raise ValueError("DP-SGD needs at least one example")
     schedule = dpsgd_schedule(len(data), config)
     private = not math.isinf(epsilon)
-    sigma = calibrate_noise(epsilon, delta, schedule.sample_rate, schedule.steps, config.accountant)
+    record = private_record(
+        epsilon,
+        delta,
+        schedule.sample_rate,
+        schedule.steps,
+        config.accountant,
+        max_grad_norm=config.max_grad_norm if private else None,
+        dataset_size=len(data),
+    )
 
     model.to(device)
     was_training = model.training
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
-    # Separate seeded generators for batch sampling and for the DP noise: runs are reproducible
-    # without touching (or depending on) the global RNG state.
-    sampling_rng = torch.Generator().manual_seed(seed)
-    noise_rng = torch.Generator(device=device).manual_seed(seed + 1)
-    loader = DataLoader(TensorDataset(data.images, data.labels), batch_size=config.batch_size, generator=sampling_rng)
+    # The party's secret generators drive Opacus's Poisson sampler (it takes the loader's
+    # generator) and its noise; nothing here depends on the global RNG state.
+    secret = secret or SecretRandomness.fresh(device)
+    loader = DataLoader(
+        TensorDataset(data.images, data.labels), batch_size=config.batch_size, generator=secret.sampling
+    )
 
     if private:
         with warnings.catch_warnings():
-            # Seeded generators (not secure_mode) are deliberate: runs must be reproducible.
+            # Opacus's secure_mode needs torchcsprng, which has no wheels for current torch; the
+            # generators are seeded from OS entropy instead, and the noise is drawn as
+            # secure_mode draws it (below).
             warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
             engine = PrivacyEngine(accountant=config.accountant)
         dp_model, optimizer, loader = engine.make_private(
             module=model,
             optimizer=optimizer,
             data_loader=loader,
-            noise_multiplier=sigma,
+            noise_multiplier=record.noise_multiplier,
             max_grad_norm=config.max_grad_norm,
             poisson_sampling=True,
-            noise_generator=noise_rng,
+            noise_generator=secret.noise,
         )
+        # secure_mode's noise (sum of four draws, halved) defeats floating-point attacks; the
+        # optimizer reads this flag at every step (as fedpsg.privacy.gaussian_mechanism does).
+        optimizer.secure_mode = True
         # sigma was calibrated for a planned schedule: it must be exactly what Opacus will run.
         if loader.sample_rate != schedule.sample_rate or len(loader) != schedule.steps_per_epoch:
             raise RuntimeError(
@@ -147,20 +165,7 @@ def dpsgd_finetune(
                 del p.summed_grad
         model.train(was_training)
 
-    if private:
-        spent = epsilon_spent(sigma, schedule.sample_rate, schedule.steps, delta, config.accountant)
-    else:
-        spent = math.inf
-    return PrivacyRecord(
-        epsilon=spent,
-        delta=delta,
-        noise_multiplier=sigma,
-        steps=schedule.steps,
-        sample_rate=schedule.sample_rate,
-        accountant=config.accountant,
-        max_grad_norm=config.max_grad_norm if private else None,
-        mechanism="subsampled-gaussian",
-    )
+    return record
 
 
 def _train(

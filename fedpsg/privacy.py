@@ -12,10 +12,15 @@ import math
 import warnings
 from dataclasses import asdict, dataclass
 
+import torch
 from opacus.accountants import PRVAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
+from opacus.optimizers.optimizer import _generate_noise
 
 ACCOUNTANTS = ("rdp", "prv")
+# Neighbouring datasets: one example added or removed (Opacus, PSG, DP-SGD), or replaced by
+# another with the dataset size fixed and public (DP-Merf's paper).
+ADJACENCIES = ("add-remove", "replace-one")
 
 # Opacus's default orders stop at 63, where the optimum sits for small epsilons and long runs;
 # this grid reaches far enough on both sides that the optimum is interior for the budgets we use.
@@ -39,6 +44,10 @@ class PrivacyRecord:
     accountant: str
     max_grad_norm: float | None = None
     mechanism: str = "subsampled-gaussian"
+    adjacency: str = "add-remove"
+    # The party's number of private examples. Public metadata, as in Opacus and the paper: it
+    # sets the sample rate (n = batch_size / sample_rate), so the record states it openly.
+    dataset_size: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,8 +145,15 @@ def private_record(
     accountant: str = "rdp",
     max_grad_norm: float | None = None,
     mechanism: str = "subsampled-gaussian",
+    adjacency: str = "add-remove",
+    dataset_size: int | None = None,
 ) -> PrivacyRecord:
-    """Calibrate sigma for a planned run and return the record of what it will spend."""
+    """Calibrate sigma for a planned run and return the record of what it will spend.
+
+    ``target_epsilon = inf`` records a non-private run (sigma 0, epsilon inf).
+    """
+    if adjacency not in ADJACENCIES:
+        raise ValueError(f"unknown adjacency {adjacency!r}; available: {', '.join(ADJACENCIES)}")
     sigma = calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant)
     spent = epsilon_spent(sigma, sample_rate, steps, delta, accountant)
     return PrivacyRecord(
@@ -149,4 +165,23 @@ def private_record(
         accountant=accountant,
         max_grad_norm=max_grad_norm,
         mechanism=mechanism,
+        adjacency=adjacency,
+        dataset_size=dataset_size,
     )
+
+
+def gaussian_mechanism(
+    values: list[torch.Tensor], std: float, generator: torch.Generator, *, secure: bool = True
+) -> list[torch.Tensor]:
+    """One release of the Gaussian mechanism: ``value + N(0, std^2 I)`` for every tensor.
+
+    Every noisy release in fedpsg (each DP real-gradient step of PSG, DP-Merf's embedding, each
+    class and iteration of dpdm) goes through this function, so tests can count the releases
+    made and compare them with what the accountant composed. ``generator`` must be the party's
+    secret (:mod:`fedpsg.secret`). ``secure`` draws the noise as Opacus's ``secure_mode`` does
+    (four draws summed and halved), which defeats the floating-point attacks on naive Gaussian
+    sampling (Mironov 2012; arXiv 2107.10138, 2112.05307) at the cost of four normal draws.
+    """
+    if std < 0:
+        raise ValueError(f"noise std must be >= 0, got {std}")
+    return [value + _generate_noise(std, value, generator, secure_mode=secure) for value in values]

@@ -12,7 +12,9 @@ matches the DP-sanitised gradient it computes on the private data D:
             train the network J steps on S  # post-processing, no privacy cost
 
 Only g_D touches D, so the whole run is R*T*K subsampled Gaussian mechanisms; sigma is
-calibrated so that their composition costs exactly the target (epsilon, delta).
+calibrated so that their composition costs exactly the target (epsilon, delta). The batches'
+membership and the noise come from the party's secret randomness (:mod:`fedpsg.secret`); the
+public ``seed`` only initialises the networks and the synthetic images.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from fedpsg.dp_gradient import private_gradient
 from fedpsg.matching import matching_distance
 from fedpsg.models import build_model
 from fedpsg.privacy import PrivacyRecord, private_record
+from fedpsg.secret import SecretRandomness
 from fedpsg.synthetic import SyntheticSet
 
 
@@ -82,10 +85,13 @@ def generate_private_set(
     config: PSGConfig,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    secret: SecretRandomness | None = None,
     progress: bool = True,
 ) -> SyntheticSet:
     """Run PSG on a party's private ``data`` (only ``classes``) and return its DP synthetic set.
 
+    ``seed`` is public (network and image initialisation). ``secret`` draws the Poisson batches
+    and the noise; leave it ``None`` (fresh OS entropy) for any release that leaves the party.
     ``epsilon = inf`` gives the non-private reference (plain, unclipped real gradients).
     """
     config.validate()
@@ -96,8 +102,7 @@ def generate_private_set(
     sample_rate = record.sample_rate
     private = not math.isinf(epsilon)
 
-    sampling = torch.Generator().manual_seed(seed)  # which examples each batch holds (CPU)
-    noise = torch.Generator(device=device).manual_seed(seed + 1)  # the Gaussian mechanism's noise
+    secret = secret or SecretRandomness.fresh(device)
     real_images, real_labels = data.images.to(device), data.labels.to(device)
 
     with torch.random.fork_rng(devices=[]):
@@ -118,7 +123,7 @@ def generate_private_set(
         net_optimizer = torch.optim.SGD(params, lr=config.lr_net)
         for outer in range(config.outer_loop):
             for _ in range(config.batch_loop):
-                batch = poisson_batch(n, sample_rate, sampling).to(device)
+                batch = poisson_batch(n, sample_rate, secret.sampling).to(device)
                 x, y = real_images[batch], real_labels[batch]
                 if private:
                     real_grads = private_gradient(
@@ -128,7 +133,7 @@ def generate_private_set(
                         max_grad_norm=config.max_grad_norm,
                         noise_multiplier=record.noise_multiplier,
                         expected_batch_size=sample_rate * n,
-                        generator=noise,
+                        generator=secret.noise,
                     )
                 else:
                     real_grads = _plain_gradient(net, x, y) if len(y) else [torch.zeros_like(p) for p in params]
@@ -163,5 +168,11 @@ def privacy_of(config: PSGConfig, n: int, epsilon: float, delta: float) -> Priva
     """What a PSG run over ``n`` private examples will spend (without running it)."""
     sample_rate = min(1.0, config.batch_size / n)
     return private_record(
-        epsilon, delta, sample_rate, config.dp_steps, config.accountant, max_grad_norm=config.max_grad_norm
+        epsilon,
+        delta,
+        sample_rate,
+        config.dp_steps,
+        config.accountant,
+        max_grad_norm=config.max_grad_norm,
+        dataset_size=n,
     )

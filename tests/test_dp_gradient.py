@@ -186,23 +186,44 @@ def test_noise_is_added_around_the_clipped_mean_and_reproducible() -> None:
     assert noise.std().item() == pytest.approx(2.0 * 0.5 / 4, rel=0.1)
 
 
-class WithBatchNorm(nn.Module):
-    def __init__(self) -> None:
+class WithNorm(nn.Module):
+    def __init__(self, norm: nn.Module) -> None:
         super().__init__()
         self.conv = nn.Conv2d(1, 4, 3)
-        self.norm = nn.BatchNorm2d(4)  # couples examples: no per-example gradient
+        self.norm = norm
         self.head = nn.Linear(4 * 26 * 26, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(self.conv(x)).flatten(1))
 
 
-def test_unsupported_layer_raises_type_error() -> None:
+def test_batch_norm_really_mixes_examples() -> None:
+    # Why the layers below must be rejected: with BatchNorm2d(affine=False) (no parameters, so a
+    # check on trainable layers misses it) example 0's output changes when only example 1 changes.
+    model = WithNorm(nn.BatchNorm2d(4, affine=False))
+    images = torch.randn(3, 1, 28, 28)
+    changed = images.clone()
+    changed[1] += 5.0
+    assert not torch.allclose(model(images)[0], model(changed)[0])
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [nn.BatchNorm2d(4), nn.BatchNorm2d(4, affine=False), nn.InstanceNorm2d(4, track_running_stats=True)],
+    ids=["batchnorm", "batchnorm-no-affine", "instancenorm-running-stats"],
+)
+def test_layers_that_mix_examples_are_rejected(norm: nn.Module) -> None:
     images, labels = torch.randn(3, 1, 28, 28), torch.tensor([0, 1, 2])
-    with pytest.raises(TypeError, match="BatchNorm2d"):
-        clipped_gradient_sum(WithBatchNorm(), images, labels, 1.0)
-    with pytest.raises(TypeError, match="BatchNorm2d"):
-        per_example_gradients(WithBatchNorm(), images, labels)
+    with pytest.raises(ValueError, match=type(norm).__name__):
+        clipped_gradient_sum(WithNorm(norm), images, labels, 1.0)
+    with pytest.raises(ValueError, match=type(norm).__name__):
+        per_example_gradients(WithNorm(norm), images, labels)
+
+
+def test_per_example_norms_are_accepted() -> None:
+    images, labels = torch.randn(3, 1, 28, 28), torch.tensor([0, 1, 2])
+    for norm in (nn.GroupNorm(4, 4), nn.InstanceNorm2d(4), nn.Identity()):
+        assert len(clipped_gradient_sum(WithNorm(norm), images, labels, 1.0).per_example_norms) == 3
 
 
 def test_frozen_parameters_are_skipped() -> None:

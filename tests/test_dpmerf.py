@@ -20,7 +20,8 @@ from fedpsg.dpmerf import (
     release_embedding,
     train_generator,
 )
-from fedpsg.privacy import epsilon_spent
+from fedpsg.privacy import calibrate_noise, epsilon_spent
+from fedpsg.secret import SecretRandomness
 
 DIM = 784
 WIDTH = DPMERF_KERNEL_WIDTH["fmnist"]
@@ -94,7 +95,7 @@ def test_sensitivity_bound_holds_for_many_neighbouring_pairs():
     labels = torch.randint(k, (n,), generator=g)
     x[0], x[1] = 0.0, 1.0  # extreme images in the dataset too
     emb = mean_embedding(x, labels, w, k)
-    bound = embedding_sensitivity(n)
+    bound = embedding_sensitivity(n, "replace-one")
     candidates = [
         torch.zeros(DIM, dtype=torch.float64),
         torch.ones(DIM, dtype=torch.float64),
@@ -128,7 +129,7 @@ def test_sensitivity_bound_is_attained():
     emb = mean_embedding(x, labels, w, k)
     shift = torch.linalg.lstsq(w, torch.full((len(w), 1), math.pi, dtype=torch.float64)).solution.squeeze(1)
     unbounded = mean_embedding(*replace_one(x, labels, 0, x[0] + shift, labels[0]), w, k)
-    assert (emb - unbounded).norm().item() == pytest.approx(embedding_sensitivity(n), rel=1e-9)
+    assert (emb - unbounded).norm().item() == pytest.approx(embedding_sensitivity(n, "replace-one"), rel=1e-9)
 
     # Within valid images ([0, 1] pixels) an adversary gets within a few percent of 2/n: maximise
     # ||phi(a) - phi(b)||^2 = 2 - 2 mean cos(W (a - b)) over a - b in [-1, 1]^784.
@@ -143,8 +144,22 @@ def test_sensitivity_bound_is_attained():
     x[0] = a
     emb = mean_embedding(x, labels, w, k)
     diff = (emb - mean_embedding(*replace_one(x, labels, 0, b, labels[0]), w, k)).norm().item()
-    assert 0.9 * embedding_sensitivity(n) < diff <= embedding_sensitivity(n)
+    assert 0.9 * embedding_sensitivity(n, "replace-one") < diff <= embedding_sensitivity(n, "replace-one")
     assert diff > 1.2 * math.sqrt(2) / n  # well above the different-label case
+
+
+def test_add_remove_moves_the_sum_by_exactly_one_term():
+    # Add/remove adjacency: the released quantity is the noisy sum over the public n; dropping
+    # any one example changes that sum by phi(x) ⊗ e_y, whose norm is 1, i.e. the mean by 1/n.
+    n, k, w = 40, 3, frequencies()
+    g = torch.Generator().manual_seed(9)
+    x, labels = torch.rand(n, DIM, generator=g), torch.randint(k, (n,), generator=g)
+    total = n * mean_embedding(x, labels, w, k)
+    for i in range(n):
+        rest = torch.cat([torch.arange(i), torch.arange(i + 1, n)])
+        smaller = (n - 1) * mean_embedding(x[rest], labels[rest], w, k)
+        assert (total - smaller).norm().item() == pytest.approx(1.0, rel=1e-5)
+    assert embedding_sensitivity(n) == pytest.approx(1.0 / n)
 
 
 def test_sensitivity_rejects_empty_dataset():
@@ -165,16 +180,20 @@ def test_calibrated_sigma_spends_exactly_epsilon(epsilon):
     assert (record.mechanism, record.steps, record.sample_rate, record.delta) == ("gaussian", 1, 1.0, 1e-5)
 
 
-def test_release_noise_has_std_sigma_times_sensitivity():
+@pytest.mark.parametrize(("adjacency", "sensitivity_times_n"), [("add-remove", 1.0), ("replace-one", 2.0)])
+def test_release_noise_has_std_sigma_times_sensitivity(adjacency, sensitivity_times_n):
     n = 250
     emb = mean_embedding(torch.rand(n, DIM), torch.randint(2, (n,)), frequencies(), 2)
     rng = torch.Generator().manual_seed(6)
     noise = []
     for _ in range(50):  # 50 releases x 2000 entries
-        noisy, record = release_embedding(emb, n, epsilon=1.0, delta=1e-5, generator=rng)
+        noisy, record = release_embedding(emb, n, epsilon=1.0, delta=1e-5, generator=rng, adjacency=adjacency)
         noise.append(noisy - emb)
     noise = torch.stack(noise).double()
-    expected = record.noise_multiplier * embedding_sensitivity(n)
+    assert record.adjacency == adjacency and record.dataset_size == n
+    # One unit-norm term per example: adding/removing one moves the noisy sum by 1 (the mean by
+    # 1/n); replacing one moves the mean by up to 2/n. Written from the definition, not the code.
+    expected = calibrate_noise(1.0, 1e-5, 1.0, 1) * sensitivity_times_n / n
     assert noise.std().item() == pytest.approx(expected, rel=0.01)
     assert abs(noise.mean().item()) < 0.01 * expected
     assert not torch.equal(noise[0], noise[1])  # fresh noise per release
@@ -272,15 +291,15 @@ def test_dpmerf_generate_on_a_real_party(fmnist_party, monkeypatch):
     assert accuracy > 0.75, accuracy
 
 
-def test_dpmerf_generate_is_deterministic(fmnist_party):
+def test_dpmerf_generate_reproduces_only_with_the_secret(fmnist_party):
     party, _ = fmnist_party
     config = DPMerfConfig(generator_steps=10, samples_per_class=5)
     runs = [
-        dpmerf_generate(party, [5, 6], dataset="fmnist", epsilon=1.0, delta=1e-5, config=config, seed=s)[0]
-        for s in (0, 0, 1)
+        dpmerf_generate(party, [5, 6], dataset="fmnist", epsilon=1.0, delta=1e-5, config=config, seed=0, secret=s)[0]
+        for s in (SecretRandomness.fixed(1), SecretRandomness.fixed(1), None, None)
     ]
     assert torch.equal(runs[0].images, runs[1].images) and torch.equal(runs[0].labels, runs[1].labels)
-    assert not torch.equal(runs[0].images, runs[2].images)
+    assert not torch.equal(runs[2].images, runs[3].images)  # same public seed, fresh secrets
 
 
 def test_dpmerf_generate_rejects_bad_input(fmnist_party):
