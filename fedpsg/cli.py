@@ -1,105 +1,136 @@
-"""Command-line pieces shared by ``fedpsg.generate`` and ``fedpsg.simulate``."""
+"""Command-line pieces shared by ``fedpsg.simulate``, ``fedpsg.generate`` and ``fedpsg.deploy``.
+
+Flags parse with the functions of ``fedpsg.config``, so a value means the same thing on every
+command line, in ``flwr run --run-config`` and in the compose environment.
+"""
 
 from __future__ import annotations
 
 import argparse
-import math
+from collections.abc import Callable
+from pathlib import Path
 
-from fedpsg.privacy import ACCOUNTANTS
-
-
-def positive_float_or_inf(text: str) -> float:
-    value = float(text)
-    if not (value > 0):
-        raise argparse.ArgumentTypeError(f"must be > 0 (or 'inf'), got {text}")
-    return value
-
-
-def epsilon_list(text: str) -> list[float]:
-    """``10`` or a sweep ``1,10``: each > 0 or ``inf``."""
-    return [positive_float_or_inf(part.strip()) for part in text.split(",") if part.strip()]
-
-
-def open_unit_float(text: str) -> float:
-    value = float(text)
-    if not (0 < value < 1):
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
+from fedpsg.config import (
+    DEFAULT_RECONNECT_TIMEOUT,
+    DEFAULT_SCENARIO,
+    DEFAULT_STAGE_RETRIES,
+    DEFAULT_STAGE_TIMEOUT,
+    RunSettings,
+    format_epsilon,
+    parse_epsilons,
+    resolve_settings,
+)
+from fedpsg.data import DATA_DIR_ENV
+from fedpsg.methods import PROFILES, method_names
+from fedpsg.scenario import REPLAY_MODES, available_scenarios
 
 
-def positive_int(text: str) -> int:
+def _argument_type(parse: Callable, name: str) -> Callable:
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+        raise ValueError(f"must be >= 1, got {text}")
     return value
 
 
-def int_list(text: str) -> list[int]:
+def _open_unit_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise ValueError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from err
 
 
-def add_profile_overrides(parser: argparse.ArgumentParser) -> None:
-    """Flags that override single values of the chosen profile (None = keep the profile's)."""
-    group = parser.add_argument_group("profile overrides (default: the profile's value)")
-    group.add_argument("--iterations", type=positive_int, help="PSG runs R (fresh networks)")
-    group.add_argument("--outer-loop", type=positive_int, help="PSG outer iterations T")
-    group.add_argument("--batch-loop", type=positive_int, help="DP real batches K per outer iteration")
-    group.add_argument("--inner-loop", type=int, help="network steps J on the synthetic set")
-    group.add_argument("--batch-size", type=positive_int, help="expected Poisson batch size B")
-    group.add_argument("--max-grad-norm", type=positive_float_or_inf, help="per-example clipping bound C")
-    group.add_argument("--lr-images", type=positive_float_or_inf)
-    group.add_argument("--lr-net", type=positive_float_or_inf)
-    group.add_argument("--width", type=positive_int, help="ConvNet width for generation")
-    group.add_argument("--accountant", choices=ACCOUNTANTS)
-    group.add_argument("--eval-width", type=positive_int)
-    group.add_argument("--eval-epochs", type=positive_int)
-    group.add_argument("--num-evals", type=positive_int)
-    group.add_argument("--no-augment", action="store_true", help="evaluate without augmentation")
+epsilons = _argument_type(parse_epsilons, "epsilons")
+positive_int = _argument_type(_positive_int, "positive_int")
+open_unit_float = _argument_type(_open_unit_float, "open_unit_float")
+int_list = _argument_type(_int_list, "int_list")
 
 
-def add_baseline_overrides(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("baseline overrides (default: the profile's value)")
-    group.add_argument("--dpsgd-epochs", type=positive_int, help="DP-SGD finetuning epochs per stage")
-    group.add_argument("--dpmerf-steps", type=positive_int, help="DP-Merf generator training steps")
-    group.add_argument("--dpmerf-samples", type=positive_int, help="DP-Merf samples per class to replay")
-    group.add_argument("--dpmerf-eval-epochs", type=positive_int, help="epochs of replay on DP-Merf sets")
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags every command shares: budget, profile, seed, data, device and ``--set``."""
+    parser.add_argument("--eps", type=epsilons, default=None, help="epsilon per party ('inf' = non-private)")
+    parser.add_argument("--delta", type=open_unit_float, default=None)
+    parser.add_argument("--spc", type=positive_int, default=None, help="images per class (methods releasing a set)")
+    parser.add_argument("--profile", choices=PROFILES, default=None, help="default: paper on CUDA, else cpu")
+    parser.add_argument("--seed", type=int, default=0, help="public seed (initialisations; never the DP noise)")
+    parser.add_argument("--data-dir", default=None, help=f"dataset root (default: ${DATA_DIR_ENV}, then download)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any setting, e.g. psg.iterations=20 dpmerf.evaluation.epochs=20 evaluation.num_evals=1",
+    )
 
 
-def profile_overrides(args: argparse.Namespace) -> dict[str, dict]:
-    """Profile overrides by section (see ``fedpsg.profiles.SECTIONS``) from parsed flags."""
-    psg = {
-        "iterations": args.iterations,
-        "outer_loop": args.outer_loop,
-        "batch_loop": args.batch_loop,
-        "inner_loop": args.inner_loop,
-        "batch_size": args.batch_size,
-        "max_grad_norm": args.max_grad_norm,
-        "lr_images": args.lr_images,
-        "lr_net": args.lr_net,
-        "width": args.width,
-        "accountant": args.accountant,
-        "spc": getattr(args, "spc", None),
-    }
-    evaluation = {
-        "width": args.eval_width,
-        "epochs": args.eval_epochs,
-        "num_evals": args.num_evals,
-        "augment": False if args.no_augment else None,
-    }
-    overrides = {"psg": psg, "evaluation": evaluation}
-    if hasattr(args, "dpsgd_epochs"):
-        overrides["dpsgd"] = {"epochs": args.dpsgd_epochs}
-        overrides["dpmerf"] = {"generator_steps": args.dpmerf_steps, "samples_per_class": args.dpmerf_samples}
-        overrides["dpmerf_evaluation"] = {
-            "epochs": args.dpmerf_eval_epochs,
-            "num_evals": args.num_evals,
-            "augment": False if args.no_augment else None,
-        }
-    return overrides
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of a federated run (``simulate`` and ``deploy``)."""
+    parser.add_argument("--scenario", default=DEFAULT_SCENARIO, help=f"one of {available_scenarios()} or a YAML path")
+    add_common_arguments(parser)
+    parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(method_names())}")
+    parser.add_argument("--replay", choices=REPLAY_MODES, default=None)
+    parser.add_argument("--out", default=None, help="output folder (re-use it to resume)")
+    parser.add_argument("--stages", type=positive_int, default=None, help="run only the first N stages")
+    parser.add_argument(
+        "--stage-timeout", type=float, default=DEFAULT_STAGE_TIMEOUT, help="seconds to wait for a party"
+    )
+    parser.add_argument(
+        "--reconnect-timeout",
+        type=float,
+        default=DEFAULT_RECONNECT_TIMEOUT,
+        help="seconds to wait for a vanished party to return",
+    )
+    parser.add_argument(
+        "--stage-retries", type=int, default=DEFAULT_STAGE_RETRIES, help="re-sends of a stage whose party vanished"
+    )
 
 
-def format_epsilon(epsilon: float) -> str:
-    return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
+def settings_from_args(args: argparse.Namespace) -> list[RunSettings]:
+    """One RunSettings per epsilon (a sweep ``--eps 1,10`` puts each run in ``<out>/eps<eps>``)."""
+    sweep = args.eps or [None]
+    runs = []
+    for epsilon in sweep:
+        out = args.out
+        if len(sweep) > 1 and out:
+            out = Path(out) / f"eps{format_epsilon(epsilon)}"
+        runs.append(
+            resolve_settings(
+                args.scenario,
+                epsilon=epsilon,
+                delta=args.delta,
+                spc=args.spc,
+                profile=args.profile,
+                seed=args.seed,
+                out=out,
+                stages=args.stages,
+                device=args.device,
+                methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
+                replay=args.replay,
+                data_dir=args.data_dir,
+                stage_timeout=args.stage_timeout,
+                reconnect_timeout=args.reconnect_timeout,
+                stage_retries=args.stage_retries,
+                overrides=args.overrides,
+            )
+        )
+    return runs

@@ -1,9 +1,12 @@
 """The coordinator's side of the continual-learning run, independent of Flower.
 
-It keeps every DP set it receives (on disk, as soon as it arrives), replays the union of the
-sets received so far to train a classifier, evaluates it on the real test images of all
-classes seen so far, and writes the results. A run resumes from its output folder: finished
-stages are loaded, not redone.
+``Coordinator.run(parties)`` is the whole run: it finds the parties, visits the stages in
+scenario order for every method, re-sends a stage whose party vanished (bounded), keeps every
+DP release on disk as soon as it arrives, replays the union of the sets received so far to
+train a classifier, evaluates it on the real test images of all classes seen so far, and
+writes the results. A run resumes from its output folder: finished stages are loaded, not
+redone. ``parties`` is anything with ``discover`` and ``send``: Flower's Grid in the ServerApp
+(``server/app.py``), or parties in this process (``fedpsg.local``).
 """
 
 from __future__ import annotations
@@ -12,15 +15,22 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
+from typing import Protocol
 
+import pandas as pd
 import torch
 
-from fedpsg.data import ImageSet, dataset_spec
+from fedpsg.config import RunSettings, format_epsilon
+from fedpsg.data import ImageSet, dataset_spec, load_images
 from fedpsg.evaluation import Evaluation, accuracy_by_group, evaluate_training_set, new_classifier, train_classifier
-from fedpsg.protocol import StageReply
-from fedpsg.results import write_results, write_summary
-from fedpsg.settings import RunSettings
+from fedpsg.files import save_atomically, write_text_atomically
+from fedpsg.methods import get_method
+from fedpsg.protocol import StageReply, TrainRequest
+from fedpsg.results import accuracy_table, write_results, write_summary
 from fedpsg.synthetic import SyntheticSet, save_grid
 
 log = logging.getLogger("fedpsg.coordinator")
@@ -30,18 +40,37 @@ class ResumeMismatchError(RuntimeError):
     """The output folder holds a run with different settings."""
 
 
-def _identity(settings: RunSettings) -> dict:
-    return json.loads(json.dumps(settings.to_dict(), default=str))
+class PartyError(RuntimeError):
+    """A party failed or did not answer in time."""
+
+
+class PartyUnavailable(PartyError):
+    """The party's node went away (or never answered): worth waiting for it to come back."""
+
+
+class Parties(Protocol):
+    """How the coordinator reaches the parties (Flower's Grid, or in-process parties)."""
+
+    def discover(self, partitions: list[int], timeout: float) -> None:
+        """Find the nodes holding ``partitions`` (again, after one vanished); raise PartyUnavailable."""
+
+    def send(self, request: TrainRequest, timeout: float) -> StageReply:
+        """Run one stage on ``request.partition``; raise PartyUnavailable / PartyError."""
 
 
 def check_resumable(settings: RunSettings) -> bool:
-    """True if ``settings.out`` holds a run to resume; raise if it holds a different run."""
+    """True if ``settings.out`` holds a run to resume; raise if it holds a different run.
+
+    Settings must match except for methods: only the methods both runs have must agree.
+    """
     config_path = settings.out / "config.json"
     if not config_path.exists():
         return False
-    found, wanted = json.loads(config_path.read_text()), _identity(settings)
-    if found != wanted:
-        changed = sorted(k for k in wanted if found.get(k) != wanted.get(k))
+    found, wanted = json.loads(config_path.read_text()), settings.identity()
+    changed = sorted(k for k in wanted if k != "methods" and found.get(k) != wanted.get(k))
+    found_methods = found.get("methods", {})
+    changed += sorted(m for m, values in wanted["methods"].items() if m in found_methods and found_methods[m] != values)
+    if changed:
         raise ResumeMismatchError(
             f"{settings.out} holds a run with different settings ({', '.join(changed)}); use another --out or delete it"
         )
@@ -49,12 +78,83 @@ def check_resumable(settings: RunSettings) -> bool:
 
 
 class Coordinator:
-    def __init__(self, settings: RunSettings, test: ImageSet) -> None:
+    def __init__(self, settings: RunSettings, test: ImageSet | None = None) -> None:
         self.settings = settings
         self.spec = dataset_spec(settings.scenario.dataset)
-        self.test = test
+        self.test = test if test is not None else load_images(self.spec.name, train=False, data_dir=settings.data_dir)
         self.out = settings.out
         self._check_or_write_config()
+
+    # ----- the run ----------------------------------------------------------------------------
+    def run(self, parties: Parties) -> list[dict]:
+        """Every method's stages in order; returns the result rows. Writes DONE when complete."""
+        settings = self.settings
+        (self.out / "DONE").unlink(missing_ok=True)  # written again only if this run completes
+        with _run_log(self.out / "run.log"):
+            parties.discover(list(range(settings.num_partitions)), settings.reconnect_timeout)
+            for method in settings.methods:
+                for stage, classes in enumerate(settings.stages, start=1):
+                    self._run_stage(parties, method, stage, classes)
+            rows = self.rows()
+            if rows:
+                print(accuracy_table(pd.DataFrame(rows)).to_string(), flush=True)
+            (self.out / "DONE").write_text("completed\n")
+            return rows
+
+    def _run_stage(self, parties: Parties, method: str, stage: int, classes: list[int]) -> None:
+        total = len(self.settings.stages)
+        if self.is_done(method, stage):
+            log.info("%s stage %d/%d already done: skipped", method, stage, total)
+            return
+        partition = stage - 1
+        log.info("%s stage %d/%d: party %d, classes %s", method, stage, total, partition, classes)
+        started = time.perf_counter()
+        if self.received_set(method, stage):  # reply stored, evaluation interrupted
+            row = self.resume_stage(method, stage)
+        else:
+            reply = self._send_with_retries(parties, self.request(method, stage))
+            row = self.accept(method, stage, classes, reply, time.perf_counter() - started)
+        log.info(
+            "%s stage %d done: %.2f%% over seen classes, party spent eps=%s (%.0f s)",
+            method, stage, 100 * row["accuracy"], format_epsilon(row["epsilon"]), time.perf_counter() - started,
+        )  # fmt: skip
+
+    def request(self, method: str, stage: int) -> TrainRequest:
+        settings = self.settings
+        return TrainRequest(
+            method=method,
+            stage=stage,
+            partition=stage - 1,
+            dataset=settings.scenario.dataset,
+            classes=settings.stages[stage - 1],
+            epsilon=settings.epsilon,
+            delta=settings.delta,
+            seed=settings.seed + stage,  # public randomness only: parties draw their DP noise themselves
+            hyperparameters=asdict(settings.configs[method]),
+            model_state=self.current_model_state(method, stage),
+            architecture=settings.evaluations[method].architecture,
+        )
+
+    def _send_with_retries(self, parties: Parties, request: TrainRequest) -> StageReply:
+        """Send a stage; if its party vanishes, wait (bounded) for it to come back and re-send."""
+        settings = self.settings
+        where = f"stage {request.stage} ({request.method}, partition {request.partition})"
+        for attempt in range(settings.stage_retries + 1):
+            try:
+                return parties.send(request, settings.stage_timeout)
+            except PartyUnavailable as err:
+                if attempt == settings.stage_retries:
+                    raise PartyError(f"{err}; gave up after {attempt + 1} attempts") from err
+                log.warning(
+                    "%s; waiting up to %.0f s for partition %d to come back",
+                    err, settings.reconnect_timeout, request.partition,
+                )  # fmt: skip
+            try:
+                parties.discover([request.partition], settings.reconnect_timeout)
+            except PartyUnavailable as err:
+                raise PartyError(f"{where}: the party did not come back ({err})") from err
+            log.info("partition %d is back: retrying stage %d", request.partition, request.stage)
+        raise AssertionError("unreachable")
 
     # ----- output layout -------------------------------------------------------------------
     def _set_path(self, method: str, stage: int) -> Path:
@@ -70,10 +170,13 @@ class Coordinator:
         return self.out / "stages" / f"{method}-stage{stage}.json"
 
     def _check_or_write_config(self) -> None:
+        identity = self.settings.identity()
         if check_resumable(self.settings):
             log.info("resuming the run in %s", self.out)
+            earlier = json.loads((self.out / "config.json").read_text())["methods"]
+            identity["methods"] = {**earlier, **identity["methods"]}
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(_identity(self.settings), indent=2))
+        write_text_atomically(self.out / "config.json", json.dumps(identity, indent=2))
 
     # ----- stage bookkeeping --------------------------------------------------------------------
     def is_done(self, method: str, stage: int) -> bool:
@@ -83,15 +186,11 @@ class Coordinator:
         """Whether the party's reply for this stage is already stored (written last on receipt)."""
         return self._receipt_path(method, stage).exists()
 
-    def architecture(self, method: str) -> dict:
-        config = self.settings.profile.evaluation_for(method)
-        return {"model": config.model, "width": config.width, "depth": config.depth}
-
     def current_model_state(self, method: str, stage: int) -> dict[str, torch.Tensor]:
         """The model to send to the party of ``stage`` (the previous stage's result, else a fresh one)."""
         if stage > 1 and self._model_path(method, stage - 1).exists():
             return torch.load(self._model_path(method, stage - 1), weights_only=True)
-        return new_classifier(self.spec, self.settings.profile.evaluation_for(method), self.settings.seed).state_dict()
+        return new_classifier(self.spec, self.settings.evaluations[method], self.settings.seed).state_dict()
 
     def rows(self) -> list[dict]:
         paths = sorted((self.out / "stages").glob("*.json"))
@@ -109,8 +208,7 @@ class Coordinator:
         else:
             self._save_model(method, stage, reply.model_state)
         receipt = {"privacy": reply.privacy.to_dict(), "party_seconds": party_seconds}
-        self._receipt_path(method, stage).parent.mkdir(parents=True, exist_ok=True)
-        self._receipt_path(method, stage).write_text(json.dumps(receipt, indent=2))
+        write_text_atomically(self._receipt_path(method, stage), json.dumps(receipt, indent=2))
         return self.evaluate_stage(method, stage, party_seconds, reply.privacy.to_dict())
 
     def resume_stage(self, method: str, stage: int) -> dict:
@@ -122,17 +220,14 @@ class Coordinator:
         eps = self.settings.epsilon
         if not math.isinf(eps) and not (reply.privacy.epsilon <= eps * (1 + 1e-6)):
             raise ValueError(f"stage {stage}: party spent epsilon={reply.privacy.epsilon}, budget is {eps}")
-        if (reply.images is None) != (method == "dpsgd"):
-            raise ValueError(f"stage {stage}: a {method} party must {'not ' if method == 'dpsgd' else ''}send a set")
+        releases_set = get_method(method).releases == "synthetic"
+        if (reply.images is not None) != releases_set:
+            raise ValueError(f"stage {stage}: a {method} party must {'' if releases_set else 'not '}send a set")
         if reply.images is not None and not set(reply.labels.unique().tolist()) <= set(classes):
             raise ValueError(f"stage {stage}: synthetic labels outside the party's classes {classes}")
 
     def _save_model(self, method: str, stage: int, state: dict[str, torch.Tensor]) -> None:
-        path = self._model_path(method, stage)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        torch.save(state, partial)
-        partial.replace(path)
+        save_atomically(state, self._model_path(method, stage))
 
     def replay_set(self, method: str, stage: int) -> ImageSet:
         """Union of the DP sets received from stages 1..stage."""
@@ -149,7 +244,7 @@ class Coordinator:
             evaluation, model_state = self._replay(method, stage, test, groups)
             self._save_model(method, stage, model_state)
         else:  # the party released a model (DP-SGD): evaluate it as it is
-            model = new_classifier(self.spec, settings.profile.evaluation_for(method))
+            model = new_classifier(self.spec, settings.evaluations[method])
             model.load_state_dict(torch.load(self._model_path(method, stage), weights_only=True))
             overall, by_group = accuracy_by_group(model, test, groups, settings.device)
             evaluation = Evaluation([overall], [[g] for g in by_group])
@@ -166,12 +261,12 @@ class Coordinator:
             "steps": privacy["steps"],
             "sample_rate": privacy["sample_rate"],
             "accountant": privacy["accountant"],
+            "adjacency": privacy.get("adjacency"),
+            "dataset_size": privacy.get("dataset_size"),
             "party_seconds": round(party_seconds, 2),
             "eval_seconds": round(time.perf_counter() - started, 2),
         }
-        path = self._row_path(method, stage)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(row, indent=2))
+        write_text_atomically(self._row_path(method, stage), json.dumps(row, indent=2))
         log.info("%s stage %d: accuracy over seen classes %.2f%%", method, stage, 100 * evaluation.mean)
         self.write_outputs()
         return row
@@ -181,7 +276,7 @@ class Coordinator:
     ) -> tuple[Evaluation, dict[str, torch.Tensor]]:
         settings = self.settings
         union = self.replay_set(method, stage)
-        config = settings.profile.evaluation_for(method)
+        config = settings.evaluations[method]
         if settings.replay == "fresh":  # the paper's protocol: fresh classifiers on the union
             evaluation = evaluate_training_set(
                 union, test, self.spec, config, groups, settings.device, seed=settings.seed + 1000 * stage
@@ -198,9 +293,9 @@ class Coordinator:
         if not rows:
             return
         eps = self.settings.epsilon
-        title = f"{self.settings.scenario.name}: ε={'∞' if math.isinf(eps) else f'{eps:g}'}, δ={self.settings.delta:g}"
+        title = f"{self.settings.scenario.name}: ε={format_epsilon(eps).replace('inf', '∞')}, δ={self.settings.delta:g}"
         frame = write_results(rows, self.out, title)
-        write_summary(frame, self.out, self.settings.to_dict(), {"profile": self.settings.profile.name})
+        write_summary(frame, self.out, self.settings.identity(), {"profile": self.settings.profile})
         for method in self.settings.methods:
             sets = [self._set_path(method, k) for k in range(1, len(self.settings.stages) + 1)]
             sets = [SyntheticSet.load(p) for p in sets if p.exists()]
@@ -208,3 +303,21 @@ class Coordinator:
                 images = torch.cat([s.images for s in sets])
                 labels = torch.cat([s.labels for s in sets])
                 save_grid(images, labels, self.spec.name, self.out / "grids" / f"{method}-all.png")
+
+
+@contextmanager
+def _run_log(path: Path) -> Iterator[None]:
+    """Copy the fedpsg loggers' INFO lines into the run folder's run.log while the run lasts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("fedpsg")
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torchvision import datasets
 
+from fedpsg.files import write_atomically
+
 DATA_DIR_ENV = "FEDPSG_DATA_DIR"
 DEFAULT_DOWNLOAD_DIR = Path("data")
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -35,6 +37,23 @@ class DatasetSpec:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[0, 1]`` pixels ``(N, C, H, W)`` -> the normalised images every model sees."""
+        mean, std = self._stats(pixels)
+        return (pixels - mean) / std
+
+    def to_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`normalise` (not clamped)."""
+        mean, std = self._stats(images)
+        return images * std + mean
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, -1, 1, 1)
+        return (
+            torch.tensor(self.mean, dtype=like.dtype, device=like.device).view(shape),
+            torch.tensor(self.std, dtype=like.dtype, device=like.device).view(shape),
+        )
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -84,6 +103,11 @@ def _has_raw_files(root: Path, spec: DatasetSpec) -> bool:
     return all((raw / name).exists() for name in _raw_file_names())
 
 
+def _gunzip(source: Path, target: Path) -> None:
+    with gzip.open(source, "rb") as src, open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+
+
 def _raw_file_names() -> list[str]:
     return [
         f"{split}-{kind}-idx{dim}-ubyte" for split in ("train", "t10k") for kind, dim in (("images", 3), ("labels", 1))
@@ -99,10 +123,8 @@ def _debian_fashion_mnist_root(cache_dir: Path) -> Path | None:
     for name in _raw_file_names():
         target = raw / name
         if not target.exists():
-            partial = target.with_suffix(".partial")
-            with gzip.open(DEBIAN_FASHION_MNIST_DIR / f"{name}.gz", "rb") as src, open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            partial.replace(target)
+            source = DEBIAN_FASHION_MNIST_DIR / f"{name}.gz"
+            write_atomically(target, lambda partial, source=source: _gunzip(source, partial))
     return cache_dir
 
 
@@ -139,10 +161,8 @@ def load_images(name: str, train: bool, data_dir: str | os.PathLike | None = Non
                 else "."
             )
         ) from err
-    images = tv.data.unsqueeze(1).float().div_(255.0)
-    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std).view(1, -1, 1, 1)
-    return ImageSet((images - mean) / std, tv.targets.clone().long())
+    pixels = tv.data.unsqueeze(1).float().div_(255.0)
+    return ImageSet(spec.normalise(pixels), tv.targets.clone().long())
 
 
 def stage_classes(class_order: list[int] | tuple[int, ...], classes_per_stage: int) -> list[list[int]]:

@@ -22,6 +22,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedpsg.cli import add_run_arguments
+from fedpsg.config import format_epsilon, settings_from_run_config
+
 log = logging.getLogger("fedpsg.deploy")
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -91,6 +94,18 @@ def _wait_for_port(port: int, timeout: float, process: subprocess.Popen) -> None
                 return
         time.sleep(0.3)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def wait_for_control_api(connection: str, env: dict, process: subprocess.Popen, timeout: float = 180) -> None:
+    """An open port is not a ready SuperLink: wait until its Control API answers ``flwr ls``."""
+    deadline = time.monotonic() + timeout
+    command = [str(BIN / "flwr"), "ls", connection, "--format", "json"]
+    while subprocess.run(command, env=env, capture_output=True, timeout=60).returncode != 0:
+        if process.poll() is not None:
+            raise RuntimeError(f"the SuperLink exited with {process.returncode} before its Control API answered")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the SuperLink's Control API did not answer within {timeout:.0f} s")
+        time.sleep(1.0)
 
 
 def free_port() -> int:
@@ -173,16 +188,7 @@ class LocalDeployment:
         database = str(self.workdir / "superlink-state.db")
         process = self._spawn("superlink", superlink_command(self.superlink_port, database, self.tls_dir, self.auth))
         _wait_for_port(self.superlink_port, 180, process)
-        # An open port is not a ready Control API: wait until `flwr ls` answers.
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                self.flwr("ls", CONNECTION, "--format", "json", timeout=60)
-                return
-            except RuntimeError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(1.0)
+        wait_for_control_api(CONNECTION, self.env, process)
 
     def start_supernode(self, partition: int) -> None:
         key = self.tls_dir / f"node-{partition}" if self.auth else None
@@ -253,15 +259,33 @@ def run_config_string(values: dict) -> str:
     return " ".join(parts)
 
 
+def run_config_from_args(args: argparse.Namespace, out: Path, data_dir: str) -> dict:
+    """The Flower run config for the parsed flags (the keys of ``fedpsg.config.RUN_CONFIG_KEYS``)."""
+    values = {
+        "scenario": args.scenario,
+        "eps": ",".join(format_epsilon(e) for e in args.eps) if args.eps else None,
+        "delta": args.delta,
+        "spc": args.spc,
+        "methods": args.methods,
+        "profile": args.profile,
+        "replay": args.replay,
+        "seed": args.seed,
+        "stages": args.stages,
+        "device": args.device,
+        "stage-timeout": args.stage_timeout,
+        "reconnect-timeout": args.reconnect_timeout,
+        "stage-retries": args.stage_retries,
+        "set": " ".join(args.overrides) or None,
+        "out": str(out),
+        "data-dir": data_dir,
+    }
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedpsg.deploy", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenario", default="split_fmnist")
-    parser.add_argument("--eps", type=float, default=10.0)
-    parser.add_argument("--methods", default="psg,dpsgd,dpmerf")
-    parser.add_argument("--profile", default="cpu")
-    parser.add_argument("--stages", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path("runs/deployment"))
-    parser.add_argument("--data-dir", default=os.environ.get("FEDPSG_DATA_DIR"), help="each party's data root")
+    add_run_arguments(parser)
+    parser.set_defaults(out="runs/deployment", data_dir=os.environ.get("FEDPSG_DATA_DIR"))
     parser.add_argument("--workdir", type=Path, default=None, help="logs, state and certificates")
     parser.add_argument("--tls", action="store_true")
     parser.add_argument("--auth", action="store_true", help="SuperNode authentication (implies --tls)")
@@ -269,13 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.data_dir:
         parser.error("--data-dir or FEDPSG_DATA_DIR is required (each party reads its partition from it)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    out = args.out.resolve()
+    out = Path(args.out).resolve()
     data_dir = str(Path(args.data_dir).resolve())
-    values = {"scenario": args.scenario, "eps": args.eps, "methods": args.methods, "profile": args.profile}
-    values.update({"out": str(out), "data-dir": data_dir})
-    if args.stages:
-        values["stages"] = args.stages
+    values = run_config_from_args(args, out, data_dir)
+    try:  # the same checks the ServerApp will make, before anything starts
+        settings_from_run_config(values)
+    except ValueError as err:
+        parser.error(str(err))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     workdir = args.workdir or out.parent / f"{out.name}-processes"
     started = time.perf_counter()
     with LocalDeployment(workdir, data_dir, tls=args.tls or args.auth, auth=args.auth) as deployment:

@@ -33,6 +33,26 @@ class EvalConfig:
     augment: bool = True
     num_evals: int = 3
 
+    def __post_init__(self) -> None:
+        if min(self.width, self.depth, self.epochs, self.batch_size, self.num_evals) < 1:
+            raise ValueError("width, depth, epochs, batch_size and num_evals must be >= 1")
+        if not (self.lr > 0 and self.momentum >= 0 and self.weight_decay >= 0):
+            raise ValueError("need lr > 0, momentum >= 0 and weight_decay >= 0")
+
+    @property
+    def architecture(self) -> dict:
+        """The classifier's shape, as sent to parties that train it."""
+        return {"model": self.model, "width": self.width, "depth": self.depth}
+
+
+# How the coordinator evaluates methods that release a small set (or a model of this shape):
+# the paper's protocol (PSG, Section 5.2), and smaller networks and fewer runs off the GPU.
+SMALL_SET_EVALUATION = {
+    "paper": EvalConfig(width=128, epochs=1000, augment=True, num_evals=3),
+    "cpu": EvalConfig(width=32, epochs=300, augment=True, num_evals=2),
+    "tiny": EvalConfig(width=16, epochs=300, augment=False, num_evals=2),
+}
+
 
 @dataclass(frozen=True)
 class Evaluation:

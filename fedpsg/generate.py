@@ -1,9 +1,10 @@
-"""Generate one party's DP synthetic set with PSG and evaluate it.
+"""Run one party's method alone on some classes, and evaluate what it releases.
 
-    python -m fedpsg.generate --dataset fmnist --classes 5,6 --eps 10 --spc 10 [--profile cpu]
+    python -m fedpsg.generate --method psg --dataset fmnist --classes 5,6 --eps 10 --spc 10 [--profile cpu]
 
-Writes ``<out>/synthetic.pt`` (images, labels and the privacy record), ``<out>/synthetic.png``
-and ``<out>/summary.json``; prints the evaluation accuracy on the real test images.
+Writes ``<out>/release.pt`` (the synthetic set, or the DP-trained model, with the privacy
+record), ``<out>/synthetic.png`` for a set, and ``<out>/summary.json``; prints the accuracy on
+the real test images of those classes (classifiers trained on the set, or the released model).
 """
 
 from __future__ import annotations
@@ -16,19 +17,19 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from fedpsg.cli import (
-    add_profile_overrides,
+from fedpsg.cli import add_common_arguments, int_list
+from fedpsg.config import (
+    default_device,
+    default_profile,
     format_epsilon,
-    int_list,
-    open_unit_float,
-    positive_float_or_inf,
-    positive_int,
-    profile_overrides,
+    method_settings,
+    parse_overrides,
+    split_sections,
 )
-from fedpsg.data import DATA_DIR_ENV, DataNotFoundError, dataset_spec, load_images, validate_classes
-from fedpsg.evaluation import evaluate_training_set
-from fedpsg.profiles import PROFILES, default_device, get_profile, with_overrides
-from fedpsg.psg import generate_private_set
+from fedpsg.data import DataNotFoundError, ImageSet, dataset_spec, load_images, validate_classes
+from fedpsg.evaluation import Evaluation, accuracy_by_group, evaluate_training_set, new_classifier
+from fedpsg.files import save_atomically
+from fedpsg.methods import PartyStage, get_method, method_names
 from fedpsg.synthetic import save_grid
 
 log = logging.getLogger("fedpsg.generate")
@@ -36,38 +37,36 @@ log = logging.getLogger("fedpsg.generate")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fedpsg.generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", default="psg", help=f"one of {', '.join(method_names())}")
     parser.add_argument("--dataset", default="fmnist", help="mnist or fmnist")
     parser.add_argument("--classes", type=int_list, default=None, help="comma-separated class ids (default: all)")
-    parser.add_argument("--eps", type=positive_float_or_inf, default=10.0, help="target epsilon ('inf' = non-private)")
-    parser.add_argument("--delta", type=open_unit_float, default=1e-5)
-    parser.add_argument("--spc", type=positive_int, default=None, help="synthetic samples per class")
-    parser.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: paper on CUDA, else cpu")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", default=None, help=f"dataset root (default: ${DATA_DIR_ENV}, then download)")
+    add_common_arguments(parser)
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/generate-...)")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation")
-    add_profile_overrides(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    epsilon = (args.eps or [10.0])[0]
+    delta = args.delta or 1e-5
     try:
+        if args.eps and len(args.eps) > 1:
+            raise ValueError("--eps: generate takes one epsilon")
+        method = get_method(args.method)
         spec = dataset_spec(args.dataset)
         classes = args.classes if args.classes is not None else list(range(spec.num_classes))
         validate_classes(classes, spec.num_classes)
         device = args.device or default_device()
-        overrides = profile_overrides(args)
-        profile = with_overrides(
-            get_profile(args.profile, device), psg=overrides["psg"], evaluation=overrides["evaluation"]
-        )
-        profile.psg.validate()
+        profile = args.profile or default_profile(device)
+        sections = split_sections(parse_overrides(args.overrides), [method.name])
+        config, evaluation = method_settings(method.name, profile, sections, args.spc)
     except ValueError as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    out = args.out or Path("runs") / f"generate-{spec.name}-{'-'.join(map(str, classes))}-eps{format_epsilon(args.eps)}"
+    default_out = f"generate-{method.name}-{spec.name}-{'-'.join(map(str, classes))}-eps{format_epsilon(epsilon)}"
+    out = args.out or Path("runs") / default_out
     out.mkdir(parents=True, exist_ok=True)
 
     try:
@@ -76,16 +75,35 @@ def main(argv: list[str] | None = None) -> int:
     except DataNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    log.info("profile %s on %s: %d private images of classes %s", profile.name, device, len(train), classes)
+    log.info("%s, profile %s on %s: %d private images of classes %s", method.name, profile, device, len(train), classes)
 
     started = time.perf_counter()
-    synthetic = generate_private_set(
-        train, classes, spec, epsilon=args.eps, delta=args.delta, config=profile.psg, device=device, seed=args.seed
+    stage = PartyStage(
+        data=train,
+        classes=classes,
+        spec=spec,
+        epsilon=epsilon,
+        delta=delta,
+        seed=args.seed,
+        model=new_classifier(spec, evaluation, args.seed),
+        device=device,
+        label=f"{method.name} {spec.name} {classes}",
     )
+    release = method.run(stage, config)
     generation_seconds = time.perf_counter() - started
-    synthetic.save(out / "synthetic.pt")
-    save_grid(synthetic.images, synthetic.labels, spec.name, out / "synthetic.png")
-    record = synthetic.privacy
+    record = release.privacy
+    save_atomically(
+        {
+            "images": release.images,
+            "labels": release.labels,
+            "model": release.model_state,
+            "privacy": record.to_dict(),
+            "config": {"method": method.name, **asdict(config)},
+        },
+        out / "release.pt",
+    )
+    if release.images is not None:
+        save_grid(release.images, release.labels, spec.name, out / "synthetic.png")
     log.info(
         "spent epsilon=%.4f delta=%g (sigma=%.4f, %d steps at q=%.5f, %s) in %.0f s",
         record.epsilon, record.delta, record.noise_multiplier, record.steps, record.sample_rate,
@@ -93,30 +111,38 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
 
     summary = {
+        "method": method.name,
         "dataset": spec.name,
         "classes": classes,
-        "profile": profile.name,
+        "profile": profile,
         "device": device,
         "privacy": record.to_dict(),
         "generation_seconds": generation_seconds,
-        "psg": asdict(profile.psg),
-        "evaluation_config": asdict(profile.evaluation),
+        "config": asdict(config),
+        "evaluation_config": asdict(evaluation),
     }
     if not args.no_eval:
         started = time.perf_counter()
-        evaluation = evaluate_training_set(
-            synthetic.as_image_set(), test, spec, profile.evaluation, device=device, seed=args.seed, progress=True
+        if release.images is not None:
+            result = evaluate_training_set(
+                ImageSet(release.images, release.labels), test, spec, evaluation, device=device, seed=args.seed
+            )
+        else:
+            stage.model.load_state_dict(release.model_state)
+            overall, _ = accuracy_by_group(stage.model, test, [], device)
+            result = Evaluation([overall], [])
+        summary.update(
+            accuracy_mean=result.mean,
+            accuracy_std=result.std,
+            accuracies=result.accuracies,
+            evaluation_seconds=time.perf_counter() - started,
         )
-        summary["accuracy_mean"] = evaluation.mean
-        summary["accuracy_std"] = evaluation.std
-        summary["accuracies"] = evaluation.accuracies
-        summary["evaluation_seconds"] = time.perf_counter() - started
         print(
             f"accuracy on real test images of classes {classes}: "
-            f"{100 * evaluation.mean:.2f}% ± {100 * evaluation.std:.2f} ({len(evaluation.accuracies)} classifiers)"
+            f"{100 * result.mean:.2f}% ± {100 * result.std:.2f} ({len(result.accuracies)} classifiers)"
         )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"wrote {out}/synthetic.pt, synthetic.png, summary.json")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"wrote {out}/release.pt, summary.json" + (", synthetic.png" if release.images is not None else ""))
     return 0
 
 

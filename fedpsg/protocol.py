@@ -8,7 +8,7 @@ A party's reply carries exactly three records, all of them DP outputs or public:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -30,7 +30,7 @@ class TrainRequest:
     seed: int
     hyperparameters: dict  # the method's config dataclass as a dict
     model_state: dict[str, torch.Tensor]
-    architecture: dict = field(default_factory=dict)  # model, width, depth of model_state
+    architecture: dict  # model, width, depth of model_state (fedpsg.evaluation.EvalConfig.architecture)
 
 
 def encode_train_request(request: TrainRequest) -> RecordDict:

@@ -12,7 +12,8 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-METHOD_LABELS = {"psg": "PSG (ours)", "dpsgd": "DP-SGD finetune", "dpmerf": "DP-Merf"}
+from fedpsg.files import strict_json  # noqa: E402
+from fedpsg.methods import get_method  # noqa: E402
 
 
 def write_results(rows: list[dict], out: Path, title: str) -> pd.DataFrame:
@@ -32,7 +33,7 @@ def plot_accuracy(frame: pd.DataFrame, path: Path, title: str) -> None:
     for method, group in frame.groupby("method", sort=False):
         ax.errorbar(
             group["stage"], 100 * group["accuracy"], yerr=100 * group["accuracy_std"],
-            marker="o", capsize=3, label=METHOD_LABELS.get(method, method),
+            marker="o", capsize=3, label=get_method(method).label,
         )  # fmt: skip
     stages = sorted(frame["stage"].unique())
     ax.set_xticks(stages)
@@ -74,16 +75,5 @@ def write_summary(frame: pd.DataFrame, out: Path, settings: dict, extra: dict) -
         "stages": frame.to_dict(orient="records"),
         **extra,
     }
-    (out / "summary.json").write_text(json.dumps(_strict_json(summary), indent=2, default=str, allow_nan=False))
+    (out / "summary.json").write_text(json.dumps(strict_json(summary), indent=2, default=str, allow_nan=False))
     return summary
-
-
-def _strict_json(value):
-    """Infinite epsilons (non-private runs) and NaNs become strings: summary.json stays valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    return value

@@ -7,15 +7,17 @@ Adding a scenario is adding a file; ``--scenario NAME`` finds ``scenarios/NAME.y
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from fedpsg.data import dataset_spec, stage_classes, validate_classes
+from fedpsg.methods import get_method, method_names
 
 SCENARIO_DIRS_ENV = "FEDPSG_SCENARIO_DIR"
-METHODS = ("psg", "dpsgd", "dpmerf")
 REPLAY_MODES = ("fresh", "continue")
 
 
@@ -30,17 +32,13 @@ class Scenario:
     dataset: str
     class_order: list[int]
     classes_per_stage: int = 2
-    methods: list[str] = field(default_factory=lambda: ["psg"])
+    methods: list[str] = field(default_factory=method_names)  # default: every registered method
     spc: int = 10
     epsilon: float = 10.0
     delta: float = 1e-5
     profile: str | None = None
     replay: str = "fresh"
-    evaluation: dict = field(default_factory=dict)
-    psg: dict = field(default_factory=dict)
-    dpsgd: dict = field(default_factory=dict)
-    dpmerf: dict = field(default_factory=dict)
-    dpmerf_evaluation: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)  # the file's ``set:``, as dotted keys (see fedpsg.config)
 
     @property
     def stages(self) -> list[list[int]]:
@@ -50,11 +48,24 @@ class Scenario:
         spec = dataset_spec(self.dataset)
         validate_classes(self.class_order, spec.num_classes)
         _ = self.stages
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise ValueError(f"unknown methods {unknown}; available: {', '.join(METHODS)}")
+        if not self.methods:
+            raise ValueError("a scenario needs at least one method")
+        for method in self.methods:
+            get_method(method)  # raises on an unknown name, listing the registered ones
         if self.replay not in REPLAY_MODES:
             raise ValueError(f"replay must be one of {REPLAY_MODES}, got {self.replay!r}")
+
+
+def flatten_overrides(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A ``set:`` mapping, nested (``psg: {iterations: 20}``) or dotted, as dotted keys."""
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_overrides(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
 
 
 def available_scenarios() -> list[str]:
@@ -71,10 +82,11 @@ def load_scenario(name_or_path: str) -> Scenario:
                 f"unknown scenario {name_or_path!r}; available: {', '.join(available_scenarios()) or '(none found)'}"
             )
     values = yaml.safe_load(path.read_text()) or {}
-    known = set(Scenario.__dataclass_fields__) - {"name"}
+    known = (set(Scenario.__dataclass_fields__) - {"name", "overrides"}) | {"set"}
     unknown = set(values) - known
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    values["overrides"] = flatten_overrides(values.pop("set", None) or {})
     scenario = Scenario(name=path.stem, **{k: v for k, v in values.items() if v is not None or k == "profile"})
     scenario.validate()
     return scenario

@@ -14,83 +14,20 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
-from fedpsg.cli import (
-    add_baseline_overrides,
-    add_profile_overrides,
-    epsilon_list,
-    format_epsilon,
-    open_unit_float,
-    positive_int,
-    profile_overrides,
-)
+from fedpsg.cli import add_run_arguments, settings_from_args
+from fedpsg.config import RunSettings
 from fedpsg.coordinator import ResumeMismatchError, check_resumable
 from fedpsg.data import DATA_DIR_ENV, DataNotFoundError, load_images
-from fedpsg.profiles import PROFILES
-from fedpsg.scenario import METHODS, REPLAY_MODES, available_scenarios
-from fedpsg.settings import RunSettings, resolve_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fedpsg.simulate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenario", default="split_fmnist", help=f"one of {available_scenarios()} or a YAML path")
-    parser.add_argument(
-        "--eps", type=epsilon_list, default=None, help="each party's epsilon; a list (1,10) runs a sweep"
-    )
-    parser.add_argument("--delta", type=open_unit_float, default=None)
-    parser.add_argument("--spc", type=positive_int, default=None, help="synthetic images per class (PSG)")
-    parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
-    parser.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: paper on CUDA, else cpu")
-    parser.add_argument("--replay", choices=REPLAY_MODES, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="output folder (re-use it to resume)")
-    parser.add_argument("--data-dir", default=None, help=f"dataset root (default: ${DATA_DIR_ENV}, then download)")
-    parser.add_argument("--stages", type=positive_int, default=None, help="run only the first N stages")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--stage-timeout", type=float, default=3600.0, help="seconds to wait for one party")
-    parser.add_argument(
-        "--reconnect-timeout", type=float, default=600.0, help="seconds to wait for a vanished party to return"
-    )
-    parser.add_argument("--stage-retries", type=int, default=2, help="re-sends of a stage whose party vanished")
+    add_run_arguments(parser)
     parser.add_argument("--ray-address", default=None, help="run on an existing Ray cluster (e.g. 'auto')")
     parser.add_argument("--party-cpus", type=float, default=1.0, help="Ray CPUs reserved per party")
     parser.add_argument("--party-gpus", type=float, default=None, help="Ray GPUs per party (default: 1 on CUDA)")
-    add_profile_overrides(parser)
-    add_baseline_overrides(parser)
     return parser
-
-
-def settings_from_args(args: argparse.Namespace) -> list[RunSettings]:
-    """One RunSettings per epsilon of the sweep (a sweep puts each run in ``<out>/eps<eps>``)."""
-    epsilons = args.eps or [None]
-    return [settings_for_epsilon(args, eps, len(epsilons) > 1) for eps in epsilons]
-
-
-def settings_for_epsilon(args: argparse.Namespace, epsilon: float | None, sweep: bool) -> RunSettings:
-    overrides = profile_overrides(args)
-    overrides["psg"].pop("spc", None)  # --spc is a scenario value
-    out = args.out
-    if sweep and out:
-        out = Path(out) / f"eps{format_epsilon(epsilon)}"
-    return resolve_settings(
-        args.scenario,
-        epsilon=epsilon,
-        delta=args.delta,
-        spc=args.spc,
-        profile=args.profile,
-        seed=args.seed,
-        out=out,
-        stages=args.stages,
-        device=args.device,
-        methods=[m.strip() for m in args.methods.split(",")] if args.methods else None,
-        replay=args.replay,
-        stage_timeout=args.stage_timeout,
-        reconnect_timeout=args.reconnect_timeout,
-        stage_retries=args.stage_retries,
-        data_dir=args.data_dir,
-        overrides=overrides,
-    )
 
 
 def simulate(settings: RunSettings, ray_address: str | None = None, party_cpus: float = 1.0, party_gpus=None) -> None:

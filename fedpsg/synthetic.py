@@ -10,6 +10,7 @@ import torch
 from torchvision.utils import save_image
 
 from fedpsg.data import DatasetSpec, ImageSet, dataset_spec
+from fedpsg.files import save_atomically
 from fedpsg.privacy import PrivacyRecord
 
 
@@ -27,10 +28,7 @@ class SyntheticSet:
 
     def save(self, path: str | Path) -> None:
         """Write atomically, so an interrupted run never leaves a half-written set behind."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(path.suffix + ".partial")
-        torch.save(
+        save_atomically(
             {
                 "images": self.images.detach().cpu(),
                 "labels": self.labels.detach().cpu(),
@@ -39,9 +37,8 @@ class SyntheticSet:
                 "privacy": self.privacy.to_dict(),
                 "config": dict(self.config),
             },
-            partial,
+            path,
         )
-        partial.replace(path)
 
     @classmethod
     def load(cls, path: str | Path) -> SyntheticSet:
@@ -58,9 +55,7 @@ class SyntheticSet:
 
 def to_pixels(images: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
     """Undo the dataset normalisation and clamp to [0, 1] for display."""
-    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std).view(1, -1, 1, 1)
-    return (images.detach().cpu() * std + mean).clamp(0, 1)
+    return spec.to_pixels(images.detach().cpu()).clamp(0, 1)
 
 
 def save_grid(

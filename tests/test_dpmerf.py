@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from fedpsg import dpmerf
 from fedpsg.data import ImageSet, dataset_spec, load_images
-from fedpsg.dpmerf import (
+from fedpsg.methods import dpmerf
+from fedpsg.methods.dpmerf import (
     DPMERF_KERNEL_WIDTH,
     DPMerfConfig,
     dpmerf_generate,

@@ -10,9 +10,9 @@ from opacus.accountants import RDPAccountant
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedpsg import dpsgd
 from fedpsg.data import ImageSet, load_images
-from fedpsg.dpsgd import DPSGDConfig, dpsgd_finetune, dpsgd_schedule
+from fedpsg.methods import dpsgd
+from fedpsg.methods.dpsgd import DPSGDConfig, dpsgd_finetune, dpsgd_schedule
 from fedpsg.models import build_model
 from fedpsg.privacy import RDP_ORDERS
 from fedpsg.secret import SecretRandomness

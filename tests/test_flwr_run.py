@@ -2,22 +2,11 @@
 
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from fedpsg.deploy import BIN, REPO, free_port, wait_for_control_api
 
 
 @pytest.mark.slow
@@ -35,11 +24,7 @@ def test_flwr_run_on_a_simulation_superlink(tmp_path, data_dir):
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        # Ready when its Control API answers (an open port alone is not enough).
-        deadline = time.monotonic() + 180
-        while subprocess.run([BIN / "flwr", "ls", "sim"], env=env, capture_output=True).returncode != 0:
-            assert superlink.poll() is None and time.monotonic() < deadline, "the SuperLink did not come up"
-            time.sleep(1.0)
+        wait_for_control_api("sim", env, superlink)
         out = tmp_path / "out"
         run_config = f'profile="tiny" stages=1 methods="psg" out="{out}"'
         result = subprocess.run(

@@ -32,12 +32,13 @@ def test_generate_writes_set_grid_and_summary(tmp_path, data_dir):
     out = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "fedpsg.generate", "--dataset", "fmnist", "--classes", "5,6", "--eps", "10",
-         "--spc", "5", "--profile", "tiny", "--iterations", "1", "--data-dir", str(data_dir), "--out", str(out)],
+         "--spc", "5", "--profile", "tiny", "--set", "psg.iterations=1",
+         "--data-dir", str(data_dir), "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "accuracy on real test images" in result.stdout
-    blob = torch.load(out / "synthetic.pt", weights_only=True)
+    blob = torch.load(out / "release.pt", weights_only=True)
     assert blob["images"].shape == (10, 1, 28, 28)
     assert blob["privacy"]["epsilon"] == pytest.approx(10.0, rel=1e-3)
     assert {"delta", "noise_multiplier", "steps", "sample_rate", "accountant"} <= set(blob["privacy"])

@@ -10,12 +10,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from clients.app import app as client_app
 from fedpsg.data import dataset_spec, load_images
 from fedpsg.evaluation import new_classifier
+from fedpsg.methods import get_method
 from fedpsg.privacy import PrivacyRecord
-from fedpsg.profiles import get_profile
 from fedpsg.protocol import REPLY_KEYS, TrainRequest, encode_train_request
 
-TINY = get_profile("tiny")
-PSG = replace(TINY.psg, iterations=1, outer_loop=2, batch_loop=2, inner_loop=2)
+TINY_EVAL = get_method("psg").evaluation["tiny"]
+PSG = replace(get_method("psg").presets["tiny"], iterations=1, outer_loop=2, batch_loop=2, inner_loop=2)
 CLASSES = [1, 2]  # partition 1 of the default order
 
 
@@ -42,9 +42,11 @@ def test_whoami_reveals_only_the_partition(party):
 
 def test_psg_reply_carries_only_the_dp_set_the_model_and_the_privacy_record(party, data_dir):
     spec = dataset_spec("fmnist")
-    model_state = new_classifier(spec, TINY.evaluation, seed=3).state_dict()
-    request = TrainRequest("psg", 2, 1, "fmnist", CLASSES, 10.0, 1e-5, 7, asdict(PSG), model_state)
-    reply = send(encode_train_request(request), "train.psg", party)
+    model_state = new_classifier(spec, TINY_EVAL, seed=3).state_dict()
+    request = TrainRequest(
+        "psg", 2, 1, "fmnist", CLASSES, 10.0, 1e-5, 7, asdict(PSG), model_state, TINY_EVAL.architecture
+    )
+    reply = send(encode_train_request(request), "train", party)
     assert not reply.has_error(), reply.error
     content = reply.content
 
@@ -81,20 +83,20 @@ def test_psg_reply_carries_only_the_dp_set_the_model_and_the_privacy_record(part
 
 def test_party_refuses_a_request_for_another_partition(party):
     spec = dataset_spec("fmnist")
-    state = new_classifier(spec, TINY.evaluation).state_dict()
-    request = TrainRequest("psg", 1, 0, "fmnist", [5, 6], 10.0, 1e-5, 0, asdict(PSG), state)
+    state = new_classifier(spec, TINY_EVAL).state_dict()
+    request = TrainRequest("psg", 1, 0, "fmnist", [5, 6], 10.0, 1e-5, 0, asdict(PSG), state, TINY_EVAL.architecture)
     # In a running SuperNode this exception becomes an error reply to the coordinator.
     with pytest.raises(ValueError, match="partition 0"):
-        send(encode_train_request(request), "train.psg", party)
+        send(encode_train_request(request), "train", party)
 
 
 def test_dpsgd_reply_carries_only_the_model_and_the_privacy_record(party):
     spec = dataset_spec("fmnist")
-    model_state = new_classifier(spec, TINY.evaluation, seed=3).state_dict()
-    dpsgd = replace(TINY.dpsgd, epochs=1)
-    arch = {"model": "convnet", "width": TINY.evaluation.width, "depth": TINY.evaluation.depth}
+    model_state = new_classifier(spec, TINY_EVAL, seed=3).state_dict()
+    dpsgd = replace(get_method("dpsgd").presets["tiny"], epochs=1)
+    arch = TINY_EVAL.architecture
     request = TrainRequest("dpsgd", 2, 1, "fmnist", CLASSES, 10.0, 1e-5, 7, asdict(dpsgd), model_state, arch)
-    reply = send(encode_train_request(request), "train.dpsgd", party)
+    reply = send(encode_train_request(request), "train", party)
     content = reply.content
     assert set(content.keys()) == {"model", "privacy"}
     assert set(content.array_records.keys()) == {"model"} and not content.metric_records
@@ -107,10 +109,13 @@ def test_dpsgd_reply_carries_only_the_model_and_the_privacy_record(party):
 
 def test_dpmerf_reply_carries_generated_samples_not_training_images(party, data_dir):
     spec = dataset_spec("fmnist")
-    model_state = new_classifier(spec, TINY.dpmerf_evaluation, seed=3).state_dict()
-    dpmerf = replace(TINY.dpmerf, generator_steps=20, samples_per_class=10)
-    request = TrainRequest("dpmerf", 2, 1, "fmnist", CLASSES, 10.0, 1e-5, 7, asdict(dpmerf), model_state)
-    reply = send(encode_train_request(request), "train.dpmerf", party)
+    evaluation = get_method("dpmerf").evaluation["tiny"]
+    model_state = new_classifier(spec, evaluation, seed=3).state_dict()
+    dpmerf = replace(get_method("dpmerf").presets["tiny"], generator_steps=20, samples_per_class=10)
+    request = TrainRequest(
+        "dpmerf", 2, 1, "fmnist", CLASSES, 10.0, 1e-5, 7, asdict(dpmerf), model_state, evaluation.architecture
+    )
+    reply = send(encode_train_request(request), "train", party)
     content = reply.content
     assert set(content.keys()) == REPLY_KEYS and not content.metric_records
     synthetic = content.array_records["synthetic"].to_torch_state_dict()

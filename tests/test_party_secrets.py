@@ -20,28 +20,29 @@ import torch
 from flwr.app import Message
 from opacus.optimizers.optimizer import DPOptimizer
 
-from fedpsg import dp_gradient, dpmerf, psg, secret
+from fedpsg import dp_gradient, secret
+from fedpsg.config import resolve_settings
+from fedpsg.coordinator import Coordinator
 from fedpsg.data import ImageSet, dataset_spec, load_images
-from fedpsg.dpmerf import dpmerf_generate
-from fedpsg.dpsgd import DPSGDConfig, dpsgd_finetune
 from fedpsg.evaluation import new_classifier
+from fedpsg.methods import dpmerf, get_method, psg
+from fedpsg.methods.dpmerf import dpmerf_generate
+from fedpsg.methods.dpsgd import DPSGDConfig, dpsgd_finetune
+from fedpsg.methods.psg import generate_private_set
 from fedpsg.models import build_model
 from fedpsg.privacy import PrivacyRecord
-from fedpsg.profiles import get_profile
 from fedpsg.protocol import TrainRequest, decode_reply, encode_train_request
-from fedpsg.psg import generate_private_set
 from fedpsg.secret import SecretRandomness
-from fedpsg.settings import resolve_settings
-from server.app import coordinate
+from server.app import GridParties
 from tests.inprocess import InProcessGrid, patch_task_identity
 
-TINY = get_profile("tiny")
-PSG = replace(TINY.psg, iterations=1, outer_loop=2, batch_loop=2, inner_loop=2)
-DPSGD = replace(TINY.dpsgd, epochs=1)
-DPMERF = replace(TINY.dpmerf, generator_steps=20, samples_per_class=10)
+PSG = replace(get_method("psg").presets["tiny"], iterations=1, outer_loop=2, batch_loop=2, inner_loop=2)
+DPSGD = replace(get_method("dpsgd").presets["tiny"], epochs=1)
+DPMERF = replace(get_method("dpmerf").presets["tiny"], generator_steps=20, samples_per_class=10)
+TINY_EVAL = get_method("psg").evaluation["tiny"]
 CONFIGS = {"psg": PSG, "dpsgd": DPSGD, "dpmerf": DPMERF}
 CLASSES = [1, 2]  # partition 1 of the default order
-ARCH = {"model": "convnet", "width": TINY.evaluation.width, "depth": TINY.evaluation.depth}
+ARCH = TINY_EVAL.architecture
 
 
 @pytest.fixture
@@ -56,16 +57,14 @@ def party_data(data_dir) -> ImageSet:
 
 
 def request_for(method: str, seed: int = 7) -> TrainRequest:
-    model_state = new_classifier(dataset_spec("fmnist"), TINY.evaluation, seed=3).state_dict()
+    model_state = new_classifier(dataset_spec("fmnist"), TINY_EVAL, seed=3).state_dict()
     return TrainRequest(method, 2, 1, "fmnist", CLASSES, 10.0, 1e-5, seed, asdict(CONFIGS[method]), model_state, ARCH)
 
 
 def released(grid: InProcessGrid, request: TrainRequest) -> torch.Tensor:
     """What the party sends back: the DP set, or (DP-SGD) the DP-trained model, flattened."""
     node = next(n for n, c in grid.contexts.items() if c.node_config["partition-id"] == request.partition)
-    message = grid.send_and_receive(
-        [Message(encode_train_request(request), dst_node_id=node, message_type=f"train.{request.method}")]
-    )[0]
+    message = grid.send_and_receive([Message(encode_train_request(request), dst_node_id=node, message_type="train")])[0]
     assert not message.has_error(), message.error
     reply = decode_reply(message.content)
     if reply.images is not None:
@@ -79,7 +78,14 @@ def replay_with_everything_the_coordinator_holds(method: str, request: TrainRequ
     spec = dataset_spec(request.dataset)
     if method == "psg":
         return generate_private_set(
-            data, CLASSES, spec, epsilon=10.0, delta=1e-5, config=PSG, seed=request.seed, secret=guessed, progress=False
+            data,
+            CLASSES,
+            spec,
+            epsilon=10.0,
+            delta=1e-5,
+            config=PSG,
+            seed=request.seed,
+            secret=guessed,
         ).images
     if method == "dpmerf":
         generated, _ = dpmerf_generate(
@@ -121,15 +127,14 @@ def test_nothing_derived_from_the_secret_leaves_the_party(monkeypatch, grid, dat
         methods=["psg", "dpsgd", "dpmerf"],
         out=tmp_path / "run",
         data_dir=str(data_dir),
-        overrides={
-            "psg": {"iterations": 1, "outer_loop": 2, "batch_loop": 2, "inner_loop": 2},
-            "evaluation": {"epochs": 5, "num_evals": 1},
-            "dpmerf": {"generator_steps": 20, "samples_per_class": 10},
-            "dpmerf_evaluation": {"epochs": 2},
-        },
-    )
+        overrides=[
+            "psg.iterations=1", "psg.outer_loop=2", "psg.batch_loop=2", "psg.inner_loop=2",
+            "evaluation.epochs=5", "evaluation.num_evals=1", "dpmerf.evaluation.epochs=2",
+            "dpmerf.generator_steps=20", "dpmerf.samples_per_class=10",
+        ],
+    )  # fmt: skip
     with caplog.at_level(logging.DEBUG):
-        coordinate(grid, settings)
+        Coordinator(settings).run(GridParties(grid))
     assert len(issued) >= 2 * 3 * 2  # two secret streams per release, 2 stages x 3 methods
 
     def leaks(blob: bytes) -> list[int]:
@@ -187,7 +192,12 @@ def test_psg_makes_exactly_the_releases_it_accounts_for(monkeypatch, party_data,
     releases = count_calls(monkeypatch, dp_gradient, "gaussian_mechanism")
     batches = count_calls(monkeypatch, psg, "private_gradient")
     synthetic = generate_private_set(
-        party_data, CLASSES, dataset_spec("fmnist"), epsilon=10.0, delta=1e-5, config=config, progress=False
+        party_data,
+        CLASSES,
+        dataset_spec("fmnist"),
+        epsilon=10.0,
+        delta=1e-5,
+        config=config,
     )
     record = synthetic.privacy
     assert len(releases) == config.iterations * config.outer_loop * config.batch_loop == record.steps

@@ -9,7 +9,7 @@ import pytest
 
 from fedpsg.simulate import main
 
-FAST = ["--profile", "tiny", "--eps", "10", "--num-evals", "1", "--eval-epochs", "200"]
+FAST = ["--profile", "tiny", "--eps", "10", "--set", "evaluation.num_evals=1", "psg.evaluation.epochs=200"]
 
 
 def simulate(out, data_dir, *extra):
@@ -70,9 +70,9 @@ def test_resume_with_different_settings_is_refused(tmp_path, data_dir, capsys):
     with pytest.raises(SystemExit):
         main(["--profile", "tiny", "--out", str(tmp_path)])
     assert "different settings" in capsys.readouterr().err
+    from fedpsg.config import resolve_settings
     from fedpsg.coordinator import Coordinator, ResumeMismatchError
     from fedpsg.data import load_images
-    from fedpsg.settings import resolve_settings
 
     settings = resolve_settings("split_fmnist", profile="tiny", out=tmp_path)
     with pytest.raises(ResumeMismatchError, match="different settings"):
@@ -84,8 +84,13 @@ BAD = [
     (["--eps", "0"], "--eps"),
     (["--eps", "-1"], "--eps"),
     (["--delta", "0"], "--delta"),
-    (["--stages", "6"], "--stages"),
-    (["--methods", "psg,gan"], "unknown methods"),
+    (["--stages", "6"], "stages must be in 1..5"),
+    (["--methods", "psg,gan"], "unknown method 'gan'"),
+    (["--set", "psg.iterations=abc"], "psg.iterations='abc': expected int"),
+    (["--set", "psg.iterations=0"], "psg: must be >= 1: iterations"),
+    (["--set", "psg.no_such_setting=1"], "unknown setting psg.no_such_setting"),
+    (["--set", "gan.width=3"], "unknown settings section 'gan'"),
+    (["--set", "iterations"], "SECTION.KEY=VALUE"),
     (["--profile", "gpu-xl"], "--profile"),
     (["--replay", "sometimes"], "--replay"),
     (["--device", "tpu"], "device"),

@@ -14,19 +14,21 @@ generator (ParkLabML/DP-MERF, ``code_balanced``).
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fedpsg.data import ImageSet, dataset_spec
+from fedpsg.evaluation import EvalConfig
+from fedpsg.methods.base import Method, PartyStage, Release
 from fedpsg.privacy import ADJACENCIES, PrivacyRecord, gaussian_mechanism, private_record, validate_budget
+from fedpsg.progress import Progress
 from fedpsg.secret import SecretRandomness, secret_generator
 
 __all__ = [
     "DPMERF_KERNEL_WIDTH",
+    "DPMerf",
     "ConditionalGenerator",
     "DPMerfConfig",
     "draw_frequencies",
@@ -242,6 +244,7 @@ def train_generator(
     image_size: tuple[int, int] = (28, 28),
     device: str = "cpu",
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> ConditionalGenerator:
     """Fit a generator whose class-conditional mean embedding matches ``noisy_emb``.
 
@@ -259,8 +262,7 @@ def train_generator(
     rng = torch.Generator(device=device).manual_seed(seed)
     optimizer = torch.optim.Adam(gen.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_decay_every, gamma=config.lr_decay)
-    steps = tqdm(range(config.generator_steps), desc="dp-merf generator", leave=False, disable=not sys.stderr.isatty())
-    for _ in steps:
+    for _ in range(config.generator_steps):
         labels = torch.randint(num_classes, (config.batch_size,), generator=rng, device=device)
         code = torch.randn(config.batch_size, config.latent_dim, generator=rng, device=device)
         gen_emb = mean_embedding(gen(code, labels), labels, frequencies, num_classes)
@@ -269,6 +271,8 @@ def train_generator(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if progress is not None:
+            progress.step()
     return gen.eval()
 
 
@@ -313,6 +317,7 @@ def dpmerf_generate(
     device: str = "cpu",
     seed: int = 0,
     secret: SecretRandomness | None = None,
+    progress: Progress | None = None,
 ) -> tuple[ImageSet, PrivacyRecord]:
     """Release one DP mean embedding of ``data`` and generate ``samples_per_class`` images per class.
 
@@ -337,15 +342,13 @@ def dpmerf_generate(
     if channels != 1:
         raise ValueError("DP-Merf's generator produces single-channel images")
 
-    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std).view(1, -1, 1, 1)
     cpu_rng = torch.Generator().manual_seed(seed)
     frequencies = draw_frequencies(
         config.num_features, channels * height * width, config.resolved_kernel_width(dataset), cpu_rng
     ).to(device)
 
     # The only access to the real data: features in [0, 1] pixel space, where the kernel width is defined.
-    pixels = (data.images.to(device) * std.to(device) + mean.to(device)).flatten(1)
+    pixels = spec.to_pixels(data.images.to(device)).flatten(1)
     indices = (data.labels.view(-1, 1) == class_ids.view(1, -1)).int().argmax(dim=1).to(device)
     emb = mean_embedding(pixels, indices, frequencies, len(classes))
     del pixels, indices
@@ -361,7 +364,42 @@ def dpmerf_generate(
     )
     del emb
 
-    gen = train_generator(noisy_emb, frequencies, config=config, image_size=(height, width), device=device, seed=seed)
+    gen = train_generator(
+        noisy_emb, frequencies, config=config, image_size=(height, width), device=device, seed=seed, progress=progress
+    )
     flat, index_labels = sample_generator(gen, config.samples_per_class, device=device, seed=seed + 2)
-    images = (flat.view(-1, channels, height, width) - mean) / std
+    images = spec.normalise(flat.view(-1, channels, height, width))
     return ImageSet(images.float(), class_ids[index_labels].long()), record
+
+
+class DPMerf(Method):
+    name = "dpmerf"
+    label = "DP-Merf"
+    releases = "synthetic"
+    config_class = DPMerfConfig
+    presets = {
+        "paper": DPMerfConfig(num_features=1000, generator_steps=3000, batch_size=100, samples_per_class=6000),
+        "cpu": DPMerfConfig(num_features=1000, generator_steps=1500, batch_size=100, samples_per_class=300),
+        "tiny": DPMerfConfig(num_features=500, generator_steps=200, batch_size=100, samples_per_class=50),
+    }
+    # Its sets hold thousands of samples per class: fewer replay epochs than a 10-image set needs.
+    evaluation = {
+        "paper": EvalConfig(width=128, epochs=60, augment=True, num_evals=3),
+        "cpu": EvalConfig(width=32, epochs=40, augment=True, num_evals=2),
+        "tiny": EvalConfig(width=16, epochs=30, augment=False, num_evals=1),
+    }
+
+    def run(self, stage: PartyStage, config: DPMerfConfig, secret: SecretRandomness | None = None) -> Release:
+        generated, record = dpmerf_generate(
+            stage.data,
+            stage.classes,
+            dataset=stage.spec.name,
+            epsilon=stage.epsilon,
+            delta=stage.delta,
+            config=config,
+            device=stage.device,
+            seed=stage.seed,
+            secret=secret,
+            progress=stage.progress(config.generator_steps),
+        )
+        return Release(record, images=generated.images, labels=generated.labels)

@@ -10,7 +10,6 @@ cost exactly the party's epsilon. Hyper-parameters default to the authors' DP-SG
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from dataclasses import dataclass
 
@@ -20,13 +19,15 @@ from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
 from fedpsg.data import ImageSet
+from fedpsg.evaluation import SMALL_SET_EVALUATION
+from fedpsg.methods.base import Method, PartyStage, Release
 from fedpsg.privacy import PrivacyRecord, private_record, validate_budget
+from fedpsg.progress import Progress, silent
 from fedpsg.secret import SecretRandomness
 
-__all__ = ["DPSGDConfig", "DPSGDSchedule", "dpsgd_finetune", "dpsgd_schedule"]
+__all__ = ["DPSGD", "DPSGDConfig", "DPSGDSchedule", "dpsgd_finetune", "dpsgd_schedule"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ def dpsgd_finetune(
     config: DPSGDConfig,
     device: str = "cpu",
     secret: SecretRandomness | None = None,
+    progress: Progress | None = None,
 ) -> PrivacyRecord:
     """Finetune ``model`` in place on ``data`` (real labels) with ``(epsilon, delta)``-DP-SGD.
 
@@ -155,7 +157,8 @@ def dpsgd_finetune(
             # Opacus's full backward hooks fire on the first layer although the images need no
             # gradient; torch warns about it, but the per-example gradients are right.
             warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-            _train(dp_model, optimizer, loader, config.epochs, device, private)
+            progress = progress or silent("dp-sgd", schedule.steps)
+            _train(dp_model, optimizer, loader, config.epochs, device, private, progress)
     finally:
         if private:
             dp_model.to_standard_module()  # removes the hooks and per-example gradients from `model`
@@ -169,18 +172,48 @@ def dpsgd_finetune(
 
 
 def _train(
-    model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, epochs: int, device: str, private: bool
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    epochs: int,
+    device: str,
+    private: bool,
+    progress: Progress,
 ) -> None:
-    total = epochs * len(loader)
-    with tqdm(total=total, desc="dp-sgd", leave=False, disable=not sys.stderr.isatty()) as bar:
-        for _ in range(epochs):
-            for images, labels in loader:
-                images, labels = images.to(device), labels.to(device)
-                optimizer.zero_grad(set_to_none=True)
-                # Poisson sampling can draw an empty batch. A DP step must still be taken on it
-                # (Opacus clips an empty set of per-example gradients and releases pure noise,
-                # which the accountant charged for); plain SGD simply has nothing to learn from.
-                if private or len(labels) > 0:
-                    F.cross_entropy(model(images), labels).backward()
-                    optimizer.step()
-                bar.update()
+    for _ in range(epochs):
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            # Poisson sampling can draw an empty batch. A DP step must still be taken on it
+            # (Opacus clips an empty set of per-example gradients and releases pure noise,
+            # which the accountant charged for); plain SGD simply has nothing to learn from.
+            if private or len(labels) > 0:
+                F.cross_entropy(model(images), labels).backward()
+                optimizer.step()
+            progress.step()
+
+
+class DPSGD(Method):
+    """The naive baseline: finetune the received classifier on the party's data, release the model."""
+
+    name = "dpsgd"
+    label = "DP-SGD finetune"
+    releases = "model"
+    config_class = DPSGDConfig
+    presets = {"paper": DPSGDConfig(), "cpu": DPSGDConfig(), "tiny": DPSGDConfig(epochs=1)}
+    evaluation = SMALL_SET_EVALUATION  # the classifier's shape; the coordinator tests it as it is
+
+    def run(self, stage: PartyStage, config: DPSGDConfig, secret: SecretRandomness | None = None) -> Release:
+        model = stage.model
+        steps = dpsgd_schedule(len(stage.data), config).steps
+        record = dpsgd_finetune(
+            model,
+            stage.data,
+            epsilon=stage.epsilon,
+            delta=stage.delta,
+            config=config,
+            device=stage.device,
+            secret=secret,
+            progress=stage.progress(steps),
+        )
+        return Release(record, model_state={k: v.detach().cpu() for k, v in model.state_dict().items()})

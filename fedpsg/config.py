@@ -1,0 +1,304 @@
+"""A run's settings, resolved in one place: scenario file + profile + method presets + overrides.
+
+Every entry point reaches every setting the same way:
+
+* ``python -m fedpsg.simulate|generate|deploy ... --set psg.iterations=20 dpmerf.samples_per_class=600``
+* ``flwr run . --run-config 'set="psg.iterations=20 dpmerf.samples_per_class=600"'``
+* ``SET="psg.iterations=20" docker compose up``
+* a scenario file's ``set:`` mapping (``psg.iterations: 20``); the command line wins.
+
+An override is ``SECTION.KEY=VALUE``: SECTION is a method's name (its config) or
+``METHOD.evaluation`` (how the coordinator evaluates it), or ``evaluation`` for every method's
+evaluation at once; VALUE is read as YAML (``20``, ``0.5``, ``true``, ``null``, ``text``) and
+checked against the field's type. Everything is validated before any work starts, with a
+one-line error.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from fedpsg.evaluation import EvalConfig
+from fedpsg.files import strict_json
+from fedpsg.methods import PROFILES, get_method
+from fedpsg.privacy import validate_budget
+from fedpsg.scenario import REPLAY_MODES, Scenario, load_scenario
+
+DEFAULT_SCENARIO = "split_fmnist"
+DEFAULT_STAGE_TIMEOUT = 3600.0  # seconds the coordinator waits for one party's reply
+DEFAULT_RECONNECT_TIMEOUT = 600.0  # seconds to wait for a vanished party to come back
+DEFAULT_STAGE_RETRIES = 2  # times a stage is re-sent after its party vanished
+EVALUATION = "evaluation"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_profile(device: str | None = None) -> str:
+    """``paper`` on a GPU, ``cpu`` otherwise."""
+    return "paper" if (device or default_device()).startswith("cuda") else "cpu"
+
+
+def format_epsilon(epsilon: float) -> str:
+    return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
+
+
+def parse_epsilons(text: str | float) -> list[float]:
+    """``10``, ``inf`` or a sweep ``1,10``; each must be > 0."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError as err:
+        raise ValueError(f"eps must be numbers > 0 or inf, comma-separated; got {text!r}") from err
+    if not values or not all(v > 0 for v in values):
+        raise ValueError(f"eps must be > 0 (or inf), got {text!r}")
+    return values
+
+
+def parse_overrides(items: Iterable[str] | str | None) -> dict[str, Any]:
+    """``["psg.iterations=20", ...]`` (or one space-separated string) -> ``{"psg.iterations": 20}``."""
+    if items is None:
+        return {}
+    if isinstance(items, str):
+        items = items.split()
+    overrides = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or "." not in name:
+            raise ValueError(f"--set takes SECTION.KEY=VALUE (e.g. psg.iterations=20), got {item!r}")
+        overrides[name.strip()] = yaml.safe_load(text) if text.strip() else None
+    return overrides
+
+
+def _coerce(config_class: type, key: str, value: Any) -> Any:
+    """``value`` as the type of ``config_class.key`` (ints stay ints, numbers become floats, ...)."""
+    hint = typing.get_type_hints(config_class)[key]
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+    raise ValueError(f"expected {names}, got {value!r}")
+
+
+def apply_overrides(config: Any, values: Mapping[str, Any], section: str) -> Any:
+    """A copy of the dataclass ``config`` with ``values`` set, type-checked and validated."""
+    names = {f.name for f in fields(config)}
+    changes = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ValueError(f"unknown setting {section}.{key}; {section} has: {', '.join(sorted(names))}")
+        try:
+            changes[key] = _coerce(type(config), key, value)
+        except ValueError as err:
+            raise ValueError(f"{section}.{key}={value!r}: {err}") from None
+    try:
+        return replace(config, **changes)
+    except ValueError as err:
+        raise ValueError(f"{section}: {err}") from None
+
+
+def split_sections(overrides: Mapping[str, Any], methods: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Group dotted overrides by section; unknown sections are an error."""
+    known = {EVALUATION, *methods, *(f"{m}.{EVALUATION}" for m in methods)}
+    sections: dict[str, dict[str, Any]] = {}
+    for name, value in overrides.items():
+        section, _, key = name.rpartition(".")
+        if section not in known:
+            raise ValueError(f"unknown settings section {section!r} in {name!r}; known: {', '.join(sorted(known))}")
+        sections.setdefault(section, {})[key] = value
+    return sections
+
+
+def method_settings(
+    method: str, profile: str, sections: Mapping[str, Mapping[str, Any]], spc: int | None = None
+) -> tuple[Any, EvalConfig]:
+    """A method's config and evaluation for ``profile``, with the overrides applied."""
+    plugin = get_method(method)
+    config = plugin.presets[profile]
+    if spc is not None and "spc" in {f.name for f in fields(config)}:
+        config = apply_overrides(config, {"spc": spc}, method)
+    config = apply_overrides(config, sections.get(method, {}), method)
+    evaluation = apply_overrides(plugin.evaluation[profile], sections.get(EVALUATION, {}), EVALUATION)
+    evaluation = apply_overrides(evaluation, sections.get(f"{method}.{EVALUATION}", {}), f"{method}.{EVALUATION}")
+    return config, evaluation
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    scenario: Scenario
+    profile: str
+    epsilon: float
+    delta: float
+    methods: list[str]
+    configs: dict[str, Any]  # method -> its config dataclass
+    evaluations: dict[str, EvalConfig]  # method -> how the coordinator evaluates it
+    num_stages: int
+    seed: int
+    device: str
+    out: Path
+    replay: str
+    data_dir: str | None = None  # the coordinator's root for the public test images
+    stage_timeout: float = DEFAULT_STAGE_TIMEOUT
+    reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT
+    stage_retries: int = DEFAULT_STAGE_RETRIES
+
+    @property
+    def stages(self) -> list[list[int]]:
+        return self.scenario.stages[: self.num_stages]
+
+    @property
+    def num_partitions(self) -> int:
+        return len(self.scenario.stages)
+
+    def identity(self) -> dict:
+        """What identifies the run's results: a resumed run must match it.
+
+        Methods are kept apart: each method's stages are independent, so a run can be resumed
+        with more methods than it started with (only the methods in both must agree).
+        """
+        scenario = {k: v for k, v in asdict(self.scenario).items() if k not in ("methods", "overrides")}
+        return strict_json(
+            {
+                "scenario": scenario,
+                "profile": self.profile,
+                "epsilon": self.epsilon,
+                "delta": self.delta,
+                "seed": self.seed,
+                "replay": self.replay,
+                "methods": {
+                    m: {"config": asdict(self.configs[m]), EVALUATION: asdict(self.evaluations[m])}
+                    for m in self.methods
+                },
+            }
+        )
+
+
+def resolve_settings(
+    scenario: str = DEFAULT_SCENARIO,
+    *,
+    epsilon: float | None = None,
+    delta: float | None = None,
+    spc: int | None = None,
+    profile: str | None = None,
+    seed: int = 0,
+    out: str | Path | None = None,
+    stages: int | None = None,
+    device: str | None = None,
+    methods: list[str] | None = None,
+    replay: str | None = None,
+    data_dir: str | None = None,
+    stage_timeout: float = DEFAULT_STAGE_TIMEOUT,
+    reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+    stage_retries: int = DEFAULT_STAGE_RETRIES,
+    overrides: Mapping[str, Any] | Iterable[str] | str | None = None,
+) -> RunSettings:
+    """Merge scenario file, profile, method presets and overrides; raise ValueError on anything invalid."""
+    base = load_scenario(scenario)
+    chosen = replace(
+        base,
+        spc=spc if spc is not None else base.spc,
+        epsilon=epsilon if epsilon is not None else base.epsilon,
+        delta=delta if delta is not None else base.delta,
+        methods=list(methods) if methods else list(base.methods),
+        replay=replay or base.replay,
+    )
+    chosen.validate()
+    validate_budget(chosen.epsilon, chosen.delta)
+    if chosen.spc < 1:
+        raise ValueError(f"spc must be >= 1, got {chosen.spc}")
+    if stages is not None and not 1 <= stages <= len(base.stages):
+        raise ValueError(f"stages must be in 1..{len(base.stages)}, got {stages}")
+    if stage_timeout <= 0 or reconnect_timeout <= 0 or stage_retries < 0:
+        raise ValueError("stage and reconnect timeouts must be > 0 seconds, stage retries >= 0")
+    device = device or default_device()
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"device must be cpu or cuda[:N], got {device!r}")
+    profile = profile or chosen.profile or default_profile(device)
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; available: {', '.join(PROFILES)}")
+    if overrides is None or isinstance(overrides, (str, list, tuple)):
+        overrides = parse_overrides(overrides)
+    merged = {**chosen.overrides, **overrides}  # scenario file first, then the command line
+    sections = split_sections(merged, chosen.methods)
+    resolved = {m: method_settings(m, profile, sections, chosen.spc) for m in chosen.methods}
+    if out is None:
+        out = Path("runs") / f"{chosen.name}-eps{format_epsilon(chosen.epsilon)}"
+    assert chosen.replay in REPLAY_MODES
+    return RunSettings(
+        scenario=chosen,
+        profile=profile,
+        epsilon=chosen.epsilon,
+        delta=chosen.delta,
+        methods=chosen.methods,
+        configs={m: config for m, (config, _) in resolved.items()},
+        evaluations={m: evaluation for m, (_, evaluation) in resolved.items()},
+        num_stages=stages or len(base.stages),
+        seed=seed,
+        device=device,
+        out=Path(out),
+        replay=chosen.replay,
+        data_dir=data_dir,
+        stage_timeout=stage_timeout,
+        reconnect_timeout=reconnect_timeout,
+        stage_retries=stage_retries,
+    )
+
+
+# Keys of ``[tool.flwr.app.config]`` / ``flwr run --run-config``: the flags of fedpsg.simulate.
+RUN_CONFIG_KEYS = (
+    "scenario", "eps", "delta", "spc", "methods", "profile", "replay", "seed", "stages", "device", "out",
+    "data-dir", "stage-timeout", "reconnect-timeout", "stage-retries", "set",
+)  # fmt: skip
+
+
+def settings_from_run_config(config: Mapping[str, Any]) -> RunSettings:
+    """RunSettings from Flower run-config values ("" means: the scenario's / profile's default)."""
+    unknown = set(config) - set(RUN_CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"unknown run-config keys {sorted(unknown)}; known: {', '.join(RUN_CONFIG_KEYS)}")
+
+    def get(key: str, convert=str):
+        value = config.get(key)
+        return None if value in ("", None) else convert(value)
+
+    epsilons = get("eps", parse_epsilons)
+    if epsilons is not None and len(epsilons) != 1:
+        raise ValueError("a Flower run takes one eps; run a sweep with python -m fedpsg.simulate --eps 1,10")
+    methods = get("methods")
+    return resolve_settings(
+        get("scenario") or DEFAULT_SCENARIO,
+        epsilon=epsilons[0] if epsilons else None,
+        delta=get("delta", float),
+        spc=get("spc", int),
+        profile=get("profile"),
+        seed=get("seed", int) or 0,
+        out=get("out"),
+        stages=get("stages", int),
+        device=get("device"),
+        methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
+        replay=get("replay"),
+        data_dir=get("data-dir"),
+        stage_timeout=get("stage-timeout", float) or DEFAULT_STAGE_TIMEOUT,
+        reconnect_timeout=get("reconnect-timeout", float) or DEFAULT_RECONNECT_TIMEOUT,
+        stage_retries=get("stage-retries", int) if get("stage-retries") is not None else DEFAULT_STAGE_RETRIES,
+        overrides=get("set") or "",
+    )

@@ -1,0 +1,122 @@
+"""The method plug-in interface and its registry.
+
+A method is what a party runs on its private data in one stage, and what it releases: a DP
+synthetic set (PSG, DP-Merf, dpdm) or a DP-trained model (DP-SGD). Everything else in fedpsg
+(settings, the ClientApp, the coordinator, results, CLIs) asks the registry, never a name.
+
+Adding one (see ``fedpsg/methods/psg.py`` for a full example)::
+
+    class MyMethod(Method):
+        name = "mine"
+        label = "My method"
+        releases = "synthetic"
+        config_class = MyConfig                      # a frozen dataclass, validated in __post_init__
+        presets = {"paper": MyConfig(...), "cpu": MyConfig(...), "tiny": MyConfig(...)}
+        evaluation = {"paper": EvalConfig(...), "cpu": EvalConfig(...), "tiny": EvalConfig(...)}
+
+        def run(self, stage: PartyStage, config: MyConfig, secret: SecretRandomness | None = None) -> Release:
+            ...
+
+    register_method(MyMethod())                      # in fedpsg/methods/__init__.py, or a plug-in module
+
+Plug-in modules outside fedpsg are imported on first lookup from ``FEDPSG_PLUGINS`` (comma-
+separated module names), which also reaches Ray actors and SuperNodes through the environment.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from fedpsg.data import DatasetSpec, ImageSet
+from fedpsg.evaluation import EvalConfig
+from fedpsg.privacy import PrivacyRecord
+from fedpsg.progress import Progress
+from fedpsg.secret import SecretRandomness
+
+PROFILES = ("paper", "cpu", "tiny")
+RELEASES = ("synthetic", "model")
+PLUGINS_ENV = "FEDPSG_PLUGINS"
+
+
+@dataclass(frozen=True)
+class PartyStage:
+    """Everything a method gets for one stage on one party."""
+
+    data: ImageSet  # the party's private images (normalised), only of ``classes``
+    classes: list[int]
+    spec: DatasetSpec
+    epsilon: float
+    delta: float
+    seed: int  # public: initialisations and post-processing, never the DP randomness
+    model: nn.Module  # the coordinator's current model (a method may finetune it)
+    device: str = "cpu"
+    label: str = ""  # prefix of progress lines, e.g. "[party 1] psg stage 2"
+    progress_interval: float = 10.0
+
+    def progress(self, total: int) -> Progress:
+        return Progress(self.label, total, interval=self.progress_interval)
+
+
+@dataclass(frozen=True)
+class Release:
+    """What leaves the party: a DP synthetic set, or a DP-trained model, and the privacy record."""
+
+    privacy: PrivacyRecord
+    images: torch.Tensor | None = None  # normalised like the real data
+    labels: torch.Tensor | None = None  # original class ids
+    model_state: dict[str, torch.Tensor] | None = None
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    label: ClassVar[str]  # legend of plots and tables
+    releases: ClassVar[str]  # one of RELEASES
+    config_class: ClassVar[type]
+    presets: ClassVar[Mapping[str, Any]]  # profile name -> config
+    evaluation: ClassVar[Mapping[str, EvalConfig]]  # profile name -> how the coordinator evaluates it
+
+    @abstractmethod
+    def run(self, stage: PartyStage, config: Any, secret: SecretRandomness | None = None) -> Release:
+        """Run on the party's data; draw DP randomness from ``secret`` (default: fresh OS entropy)."""
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add a method to the registry (checked: a preset and an evaluation for every profile)."""
+    missing = [p for p in PROFILES if p not in method.presets or p not in method.evaluation]
+    if missing:
+        raise ValueError(f"method {method.name!r} lacks presets or evaluation for profiles {missing}")
+    if method.releases not in RELEASES:
+        raise ValueError(f"method {method.name!r}: releases must be one of {RELEASES}, got {method.releases!r}")
+    if not all(isinstance(c, method.config_class) for c in method.presets.values()):
+        raise TypeError(f"method {method.name!r}: presets must be {method.config_class.__name__} instances")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def _load_plugins() -> None:
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        importlib.import_module(module)
+
+
+def get_method(name: str) -> Method:
+    if name not in _REGISTRY:
+        _load_plugins()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(method_names())}")
+    return _REGISTRY[name]
+
+
+def method_names() -> list[str]:
+    _load_plugins()
+    return list(_REGISTRY)

@@ -1,0 +1,55 @@
+"""Progress of long work as log lines: one mechanism for every method, wherever it runs.
+
+tqdm bars do not reach the driver from Ray actors or SuperNode subprocesses; a printed line
+does (Ray forwards actor stdout, ``flwr run --stream`` and SuperNode logs show it). A line is
+written at most every ``interval`` seconds, and at the end:
+
+    [party 1] psg stage 2: step 300/1000 (30%), 45 s elapsed, ETA 105 s
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+
+def _print_line(line: str) -> None:
+    print(line, file=sys.stdout, flush=True)
+
+
+class Progress:
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        *,
+        interval: float = 10.0,
+        write: Callable[[str], None] = _print_line,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.label, self.total, self.interval = label, max(int(total), 1), interval
+        self._write, self._clock = write, clock
+        self.done = 0
+        self._started = self._last = clock()
+
+    def step(self, count: int = 1) -> None:
+        self.done = min(self.total, self.done + count)
+        now = self._clock()
+        if self.done == self.total or now - self._last >= self.interval:
+            self._last = now
+            self._write(self.line(now))
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = (now if now is not None else self._clock()) - self._started
+        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        tail = "done" if self.done == self.total else f"ETA {eta:.0f} s"
+        return (
+            f"{self.label}: step {self.done}/{self.total} ({100 * self.done / self.total:.0f}%), "
+            f"{elapsed:.0f} s elapsed, {tail}"
+        )
+
+
+def silent(label: str, total: int) -> Progress:
+    """A Progress that writes nothing (unit tests, nested work)."""
+    return Progress(label, total, write=lambda _line: None)
