@@ -121,6 +121,10 @@ class Coordinator:
 
     def request(self, method: str, stage: int) -> TrainRequest:
         settings = self.settings
+        earlier = None
+        if get_method(method).uses_earlier_sets and stage > 1:
+            union = self.replay_set(method, stage - 1)
+            earlier = (union.images, union.labels)
         return TrainRequest(
             method=method,
             stage=stage,
@@ -133,6 +137,7 @@ class Coordinator:
             hyperparameters=asdict(settings.configs[method]),
             model_state=self.current_model_state(method, stage),
             architecture=settings.evaluations[method].architecture,
+            earlier=earlier,
         )
 
     def _send_with_retries(self, parties: Parties, request: TrainRequest) -> StageReply:

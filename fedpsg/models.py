@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 ModelFactory = Callable[..., nn.Module]
+INITIALISATIONS = ("kaiming", "torch")  # Kaiming-uniform (ReLU gain, zero bias), or PyTorch's layer defaults
 _MODELS: dict[str, ModelFactory] = {}
 
 
@@ -37,15 +38,19 @@ def build_model(
     image_size: tuple[int, int],
     width: int = 128,
     depth: int = 3,
+    init: str = "kaiming",
 ) -> nn.Module:
-    """Build a freshly (Kaiming-)initialised model by registry name."""
+    """Build a freshly initialised model by registry name (``init``: one of INITIALISATIONS)."""
     key = name.lower()
     if key not in _MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
     model = _MODELS[key](
         in_channels=in_channels, num_classes=num_classes, image_size=image_size, width=width, depth=depth
     )
-    model.apply(_kaiming_init)
+    if init not in INITIALISATIONS:
+        raise ValueError(f"unknown init {init!r}; available: {', '.join(INITIALISATIONS)}")
+    if init == "kaiming":
+        model.apply(_kaiming_init)
     return model
 
 

@@ -4,7 +4,7 @@ and build the reply, which holds only DP outputs (the release, the model, the pr
 
 from __future__ import annotations
 
-from fedpsg.data import dataset_spec, load_images
+from fedpsg.data import ImageSet, dataset_spec, load_images
 from fedpsg.evaluation import EvalConfig, new_classifier
 from fedpsg.methods import PartyStage, get_method
 from fedpsg.protocol import StageReply, TrainRequest, config_from_hyperparameters
@@ -42,6 +42,7 @@ def run_stage(
         device=device,
         label=label,
         progress_interval=progress_interval,
+        earlier=ImageSet(*request.earlier) if request.earlier is not None else None,
     )
     release = method.run(stage, config, secret)
     # A method that releases a set never trains the model on private data: it goes back as it came.

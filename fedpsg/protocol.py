@@ -31,6 +31,9 @@ class TrainRequest:
     hyperparameters: dict  # the method's config dataclass as a dict
     model_state: dict[str, torch.Tensor]
     architecture: dict  # model, width, depth of model_state (fedpsg.evaluation.EvalConfig.architecture)
+    # Earlier stages' DP sets of this method (images, labels), for methods that use them: DP
+    # releases already, so they may travel with the model.
+    earlier: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def encode_train_request(request: TrainRequest) -> RecordDict:
@@ -46,7 +49,11 @@ def encode_train_request(request: TrainRequest) -> RecordDict:
     }
     config.update({f"hp.{k}": v for k, v in request.hyperparameters.items() if v is not None})
     config.update({f"arch.{k}": v for k, v in request.architecture.items()})
-    return RecordDict({"config": ConfigRecord(config), "model": ArrayRecord(request.model_state)})
+    records = {"config": ConfigRecord(config), "model": ArrayRecord(request.model_state)}
+    if request.earlier is not None:
+        images, labels = request.earlier
+        records["earlier"] = ArrayRecord({"images": images.detach().cpu(), "labels": labels.cpu()})
+    return RecordDict(records)
 
 
 def decode_train_request(content: RecordDict) -> TrainRequest:
@@ -63,7 +70,15 @@ def decode_train_request(content: RecordDict) -> TrainRequest:
         hyperparameters={k[3:]: v for k, v in config.items() if k.startswith("hp.")},
         model_state=content.array_records["model"].to_torch_state_dict(),
         architecture={k[5:]: v for k, v in config.items() if k.startswith("arch.")},
+        earlier=_pair(content.array_records.get("earlier")),
     )
+
+
+def _pair(record: ArrayRecord | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if record is None:
+        return None
+    arrays = record.to_torch_state_dict()
+    return arrays["images"], arrays["labels"]
 
 
 def config_from_hyperparameters(config_class: type, values: dict):

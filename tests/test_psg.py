@@ -4,10 +4,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fedpsg.data import dataset_spec, load_images
+from fedpsg.data import ImageSet, dataset_spec, load_images
 from fedpsg.evaluation import evaluate_training_set
 from fedpsg.methods import get_method
-from fedpsg.methods.psg import PSGConfig, generate_private_set, poisson_batch
+from fedpsg.methods.psg import PSGConfig, generate_private_set, inner_training_set, poisson_batch
 from fedpsg.secret import SecretRandomness
 from fedpsg.synthetic import SyntheticSet
 
@@ -100,3 +100,30 @@ def test_tiny_profile_beats_chance_by_far_on_real_mnist(mnist_56):
     synthetic = run(train, config=TINY)
     evaluation = evaluate_training_set(synthetic.as_image_set(), test, dataset_spec("mnist"), TINY_EVAL)
     assert evaluation.mean > 0.75  # chance is 0.5
+
+
+def test_inner_training_set_holds_earlier_sets_and_placeholders_for_unseen_classes():
+    spec = dataset_spec("mnist")
+    earlier = ImageSet(torch.ones(4, 1, 28, 28), torch.tensor([5, 5, 6, 6]))
+    others = inner_training_set([1, 2], spec, replace(SMALL, spc=3), earlier, seed=0)
+    unseen = [0, 3, 4, 7, 8, 9]
+    assert others.labels.tolist() == [5, 5, 6, 6] + [c for c in unseen for _ in range(3)]
+    assert torch.equal(others.images[:4], earlier.images)
+    placeholders = others.images[4:]
+    assert placeholders.shape == (18, 1, 28, 28) and abs(placeholders.std().item() - 1) < 0.05  # N(0, 1)
+    first_stage = inner_training_set([5, 6], spec, replace(SMALL, spc=2), None, seed=0)
+    assert sorted(set(first_stage.labels.tolist())) == [0, 1, 2, 3, 4, 7, 8, 9]
+
+
+def test_earlier_sets_change_the_released_set_but_not_the_privacy_cost(mnist_56):
+    train, _ = mnist_56
+    earlier = ImageSet(torch.randn(20, 1, 28, 28), torch.tensor([1, 2]).repeat_interleave(10))
+    spec = dataset_spec("mnist")
+    pinned = [
+        generate_private_set(
+            train, [5, 6], spec, epsilon=10.0, delta=1e-5, config=SMALL, secret=SecretRandomness.fixed(3), earlier=e
+        )
+        for e in (None, earlier)
+    ]
+    assert not torch.equal(pinned[0].images, pinned[1].images)  # the inner network saw other classes
+    assert pinned[0].privacy == pinned[1].privacy

@@ -60,6 +60,7 @@ class PartyStage:
     device: str = "cpu"
     label: str = ""  # prefix of progress lines, e.g. "[party 1] psg stage 2"
     progress_interval: float = 10.0
+    earlier: ImageSet | None = None  # earlier stages' DP sets of this method (if it uses_earlier_sets)
 
     def progress(self, total: int) -> Progress:
         return Progress(self.label, total, interval=self.progress_interval)
@@ -82,6 +83,7 @@ class Method(ABC):
     config_class: ClassVar[type]
     presets: ClassVar[Mapping[str, Any]]  # profile name -> config
     evaluation: ClassVar[Mapping[str, EvalConfig]]  # profile name -> how the coordinator evaluates it
+    uses_earlier_sets: ClassVar[bool] = False  # receive the earlier stages' DP sets with the model
 
     @abstractmethod
     def run(self, stage: PartyStage, config: Any, secret: SecretRandomness | None = None) -> Release:

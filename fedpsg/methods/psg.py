@@ -30,7 +30,7 @@ from fedpsg.dp_gradient import private_gradient
 from fedpsg.evaluation import SMALL_SET_EVALUATION
 from fedpsg.matching import matching_distance
 from fedpsg.methods.base import Method, PartyStage, Release
-from fedpsg.models import build_model
+from fedpsg.models import INITIALISATIONS, build_model
 from fedpsg.privacy import PrivacyRecord, private_record
 from fedpsg.progress import Progress
 from fedpsg.secret import SecretRandomness
@@ -52,6 +52,11 @@ class PSGConfig:
     model: str = "convnet"
     width: int = 128
     depth: int = 3
+    init: str = "kaiming"  # of the matching networks: "kaiming", or "torch" (PyTorch's default, the authors')
+    # The authors' continual protocol: between outer iterations the network trains on every set
+    # the party holds (earlier stages' DP sets, its own, N(0,1) placeholders for classes not yet
+    # seen), not only on its own set; off = train on its own set only.
+    inner_on_all_sets: bool = True
     accountant: str = "rdp"
 
     @property
@@ -65,6 +70,8 @@ class PSGConfig:
             raise ValueError(f"must be >= 1: {', '.join(bad)}")
         if self.inner_loop < 0 or self.max_grad_norm <= 0 or self.lr_images <= 0 or self.lr_net <= 0:
             raise ValueError("inner_loop must be >= 0 and max_grad_norm, lr_images, lr_net > 0")
+        if self.init not in INITIALISATIONS:
+            raise ValueError(f"init must be one of {INITIALISATIONS}, got {self.init!r}")
 
 
 def poisson_batch(n: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
@@ -89,13 +96,16 @@ def generate_private_set(
     seed: int = 0,
     secret: SecretRandomness | None = None,
     progress: Progress | None = None,
+    earlier: ImageSet | None = None,
 ) -> SyntheticSet:
     """Run PSG on a party's private ``data`` (only ``classes``) and return its DP synthetic set.
 
     ``seed`` is public (network and image initialisation). ``secret`` draws the Poisson batches
     and the noise; leave it ``None`` (fresh OS entropy) for any release that leaves the party.
     ``epsilon = inf`` gives the non-private reference (plain, unclipped real gradients).
-    ``progress`` (if given) advances once per run R.
+    ``progress`` (if given) advances once per run R. ``earlier`` holds the DP sets of earlier
+    stages the party received (public to it); with ``config.inner_on_all_sets`` the network's
+    inner-loop training uses them (see :func:`inner_training_set`).
     """
     if len(data) == 0:
         raise ValueError("the private dataset is empty")
@@ -113,12 +123,19 @@ def generate_private_set(
     syn_images.requires_grad_(True)
     syn_labels = torch.tensor(classes, device=device).repeat_interleave(config.spc)
     image_optimizer = torch.optim.SGD([syn_images], lr=config.lr_images, momentum=config.momentum_images)
+    others = inner_training_set(classes, spec, config, earlier, seed) if config.inner_on_all_sets else None
 
     for run in range(config.iterations):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 100_003 + run)
             net = build_model(
-                config.model, spec.channels, spec.num_classes, spec.image_size, config.width, config.depth
+                config.model,
+                spec.channels,
+                spec.num_classes,
+                spec.image_size,
+                config.width,
+                config.depth,
+                init=config.init,
             ).to(device)
         params = list(net.parameters())
         net_optimizer = torch.optim.SGD(params, lr=config.lr_net)
@@ -146,10 +163,13 @@ def generate_private_set(
                 image_optimizer.step()
             if outer == config.outer_loop - 1:
                 break
-            # Post-processing: train the network on the current synthetic set only.
-            frozen_images = syn_images.detach()
+            # Post-processing: train the network on the current synthetic set (and the other sets).
+            train_images, train_labels = syn_images.detach(), syn_labels
+            if others is not None:
+                train_images = torch.cat([others.images.to(device), train_images])
+                train_labels = torch.cat([others.labels.to(device), train_labels])
             for _ in range(config.inner_loop):
-                loss = F.cross_entropy(net(frozen_images), syn_labels)
+                loss = F.cross_entropy(net(train_images), train_labels)
                 net_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 net_optimizer.step()
@@ -164,6 +184,25 @@ def generate_private_set(
         privacy=record,
         config={"method": "psg", **asdict(config)},
     )
+
+
+def inner_training_set(
+    classes: list[int], spec: DatasetSpec, config: PSGConfig, earlier: ImageSet | None, seed: int
+) -> ImageSet:
+    """The images besides the party's own set that the network trains on between outer iterations.
+
+    The earlier stages' DP sets, and ``spc`` N(0, 1) placeholder images for every class that no
+    set covers yet, as the authors' continual code keeps (their synthetic tensor holds all
+    classes from the start). Both are public to the party, so this costs no privacy.
+    """
+    covered = set(classes) | (set(earlier.labels.tolist()) if earlier is not None else set())
+    missing = [c for c in range(spec.num_classes) if c not in covered]
+    generator = torch.Generator().manual_seed(seed + 7919)
+    placeholders = torch.randn(len(missing) * config.spc, spec.channels, *spec.image_size, generator=generator)
+    images = [placeholders] if earlier is None else [earlier.images, placeholders]
+    labels = torch.tensor(missing, dtype=torch.long).repeat_interleave(config.spc)
+    labels = [labels] if earlier is None else [earlier.labels.long(), labels]
+    return ImageSet(torch.cat(images), torch.cat(labels))
 
 
 def privacy_of(config: PSGConfig, n: int, epsilon: float, delta: float) -> PrivacyRecord:
@@ -197,6 +236,7 @@ class PSG(Method):
         ),
     }
     evaluation = SMALL_SET_EVALUATION
+    uses_earlier_sets = True
 
     def run(self, stage: PartyStage, config: PSGConfig, secret: SecretRandomness | None = None) -> Release:
         synthetic = generate_private_set(
@@ -210,5 +250,6 @@ class PSG(Method):
             seed=stage.seed,
             secret=secret,
             progress=stage.progress(config.iterations),
+            earlier=stage.earlier,
         )
         return Release(synthetic.privacy, images=synthetic.images, labels=synthetic.labels)
