@@ -36,8 +36,10 @@ def whoami(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    # Stages run one at a time, so the active party may use every core (Ray pins actors to 1 thread).
-    torch.set_num_threads(int(context.node_config.get("torch-threads", os.cpu_count() or 1)))
+    # Stages run one at a time, so the active party may use every core (Ray pins actors to 1 thread);
+    # node config torch-threads or FEDPSG_TORCH_THREADS set fewer (a machine shared with other work).
+    threads = context.node_config.get("torch-threads") or os.environ.get("FEDPSG_TORCH_THREADS") or os.cpu_count()
+    torch.set_num_threads(int(threads or 1))
     reply = run_stage(
         decode_train_request(msg.content),
         _partition(context)[0],
