@@ -26,6 +26,7 @@ from fedpsg.coordinator import Coordinator
 from fedpsg.data import ImageSet, dataset_spec, load_images
 from fedpsg.evaluation import new_classifier
 from fedpsg.methods import dpmerf, get_method, psg
+from fedpsg.methods.dpdm import generate_dpdm_set
 from fedpsg.methods.dpmerf import dpmerf_generate
 from fedpsg.methods.dpsgd import DPSGDConfig, dpsgd_finetune
 from fedpsg.methods.psg import generate_private_set
@@ -40,7 +41,8 @@ PSG = replace(get_method("psg").presets["tiny"], iterations=1, outer_loop=2, bat
 DPSGD = replace(get_method("dpsgd").presets["tiny"], epochs=1)
 DPMERF = replace(get_method("dpmerf").presets["tiny"], generator_steps=20, samples_per_class=10)
 TINY_EVAL = get_method("psg").evaluation["tiny"]
-CONFIGS = {"psg": PSG, "dpsgd": DPSGD, "dpmerf": DPMERF}
+DPDM = replace(get_method("dpdm").presets["tiny"], iterations=10)
+CONFIGS = {"psg": PSG, "dpsgd": DPSGD, "dpmerf": DPMERF, "dpdm": DPDM}
 CLASSES = [1, 2]  # partition 1 of the default order
 ARCH = TINY_EVAL.architecture
 
@@ -87,6 +89,10 @@ def replay_with_everything_the_coordinator_holds(method: str, request: TrainRequ
             seed=request.seed,
             secret=guessed,
         ).images
+    if method == "dpdm":
+        return generate_dpdm_set(
+            data, CLASSES, spec, epsilon=10.0, delta=1e-5, config=DPDM, seed=request.seed, secret=guessed
+        ).images
     if method == "dpmerf":
         generated, _ = dpmerf_generate(
             data, CLASSES, dataset="fmnist", epsilon=10.0, delta=1e-5, config=DPMERF, seed=request.seed, secret=guessed
@@ -98,7 +104,7 @@ def replay_with_everything_the_coordinator_holds(method: str, request: TrainRequ
     return torch.cat([v.flatten().float() for v in model.state_dict().values()])
 
 
-@pytest.mark.parametrize("method", ["psg", "dpsgd", "dpmerf"])
+@pytest.mark.parametrize("method", ["psg", "dpsgd", "dpmerf", "dpdm"])
 def test_the_coordinator_cannot_replay_a_release_and_identical_requests_release_different_outputs(
     method, grid, party_data
 ):

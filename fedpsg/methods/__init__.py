@@ -11,11 +11,12 @@ from fedpsg.methods.base import (
     method_names,
     register_method,
 )
+from fedpsg.methods.dpdm import DPDM
 from fedpsg.methods.dpmerf import DPMerf
 from fedpsg.methods.dpsgd import DPSGD
 from fedpsg.methods.psg import PSG
 
-for _method in (PSG(), DPSGD(), DPMerf()):  # one entry per built-in method
+for _method in (PSG(), DPSGD(), DPMerf(), DPDM()):  # one entry per built-in method
     register_method(_method)
 
 __all__ = [
