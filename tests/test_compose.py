@@ -48,11 +48,18 @@ def test_each_party_mounts_only_its_own_data_folder():
         assert volumes == [f"${{PARTY{k}_DATA:-./data}}:/data:ro"]
 
 
+def test_superlink_data_and_results_are_variables_like_the_parties():
+    volumes = services("docker-compose.yml")["superlink"]["volumes"]
+    assert "${SUPERLINK_DATA:-./data}:/data:ro" in volumes
+    assert "${RESULTS_DIR:-./results}:/results" in volumes
+
+
 def test_flower_version_is_pinned_the_same_in_image_and_pyproject():
     dockerfile = (REPO / "Dockerfile").read_text()
     pyproject = (REPO / "pyproject.toml").read_text()
     assert "ARG FLWR_VERSION=1.41.0" in dockerfile and '"flwr[simulation]==1.41.0"' in pyproject
-    assert "FROM ubuntu:" in dockerfile  # torch does not install on Flower's Alpine tags
+    # torch does not install on Flower's Alpine tags: Ubuntu by default, the base is a build argument
+    assert "ARG BASE_IMAGE=ubuntu:" in dockerfile and "FROM ${BASE_IMAGE}" in dockerfile
 
 
 def test_gpu_variant_reserves_a_gpu_for_every_party():
