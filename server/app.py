@@ -36,11 +36,15 @@ class GridParties:
 
     def _ask(self, node_ids: list[int], timeout: float) -> None:
         queries = [Message(RecordDict(), dst_node_id=n, message_type="query.whoami", ttl=timeout) for n in node_ids]
+        answered = set()
         for reply in self.grid.send_and_receive(queries, timeout=timeout) if queries else []:
             if reply.has_error():
-                log.warning("node %s did not answer whoami: %s", reply.metadata.src_node_id, reply.error.reason)
+                log.warning("a node did not answer whoami (asked again): %s", reply.error.reason)
                 continue
             self.nodes[int(reply.content.config_records["party"]["partition-id"])] = reply.metadata.src_node_id
+            answered.add(reply.metadata.src_node_id)
+        # A busy or still-starting node can let the query expire: ask it again on the next poll.
+        self._asked.difference_update(set(node_ids) - answered)
 
     def discover(self, partitions: list[int], timeout: float) -> None:
         deadline = time.monotonic() + timeout
