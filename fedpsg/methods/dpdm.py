@@ -81,7 +81,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DPDMConfig:
-    """Hyper-parameters of DP distribution matching (defaults: the ``cpu`` preset)."""
+    """Hyper-parameters of DP distribution matching (see DPDM_PRESETS for the profiles)."""
 
     iterations: int = 1000  # T: fresh random networks, one private release per class each
     batch_size: int = 64  # B: expected real batch of the smallest class (Poisson rate B / min_c N_c)
@@ -116,8 +116,8 @@ DPDM_PRESETS: dict[str, DPDMConfig] = {
     # with momentum 0.5 on ||sum_real + noise - (B / spc) sum_syn||^2, which is B^2 = 2500 times
     # our mean-scale loss, hence lr 2500.
     "paper": DPDMConfig(iterations=10000, batch_size=50, lr_images=2500.0, width=128, augment=True),
-    # About 3 minutes for 10 classes on 2 CPU cores (BENCHMARKS.md).
-    "cpu": DPDMConfig(),
+    # About 2 minutes of generation for 10 classes on one (shared) core; chosen from the probes in BENCHMARKS.md.
+    "cpu": DPDMConfig(lr_images=1000.0, augment=True),
     # Seconds, for tests.
     "tiny": DPDMConfig(iterations=60, batch_size=32, width=16, lr_images=100.0),
 }
