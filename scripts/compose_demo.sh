@@ -86,6 +86,8 @@ run_name="${RUN_NAME:-${SCENARIO:-split_fmnist}}"
 files=(-f docker-compose.yml)
 if [ "$tls" = 1 ]; then
   files+=(-f docker-compose.tls.yml)
+  # Show which node keys were registered next to the run's log.
+  [ "${#attach[@]}" -gt 0 ] && attach+=(--attach register)
   export CERTS_DIR="${CERTS_DIR:-$repo/certificates}"
   bash scripts/make_certs.sh "$CERTS_DIR" >/dev/null
   for k in 0 1 2 3 4; do

@@ -23,6 +23,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.autograd.profiler import record_function
 from torch.nn import functional as F
 
 from fedpsg.data import DatasetSpec, ImageSet
@@ -141,38 +142,42 @@ def generate_private_set(
         net_optimizer = torch.optim.SGD(params, lr=config.lr_net)
         for outer in range(config.outer_loop):
             for _ in range(config.batch_loop):
-                batch = poisson_batch(n, sample_rate, secret.sampling).to(device)
-                x, y = real_images[batch], real_labels[batch]
-                if private:
-                    real_grads = private_gradient(
-                        net,
-                        x,
-                        y,
-                        max_grad_norm=config.max_grad_norm,
-                        noise_multiplier=record.noise_multiplier,
-                        expected_batch_size=sample_rate * n,
-                        generator=secret.noise,
-                    )
-                else:
-                    real_grads = _plain_gradient(net, x, y) if len(y) else [torch.zeros_like(p) for p in params]
-                syn_loss = F.cross_entropy(net(syn_images), syn_labels)
-                syn_grads = torch.autograd.grad(syn_loss, params, create_graph=True)
-                distance = matching_distance(real_grads, list(syn_grads))
-                image_optimizer.zero_grad(set_to_none=True)
-                (syn_images.grad,) = torch.autograd.grad(distance, [syn_images])
-                image_optimizer.step()
+                with record_function("psg.dp_real_gradient"):
+                    batch = poisson_batch(n, sample_rate, secret.sampling).to(device)
+                    x, y = real_images[batch], real_labels[batch]
+                    if private:
+                        real_grads = private_gradient(
+                            net,
+                            x,
+                            y,
+                            max_grad_norm=config.max_grad_norm,
+                            noise_multiplier=record.noise_multiplier,
+                            expected_batch_size=sample_rate * n,
+                            generator=secret.noise,
+                        )
+                    else:
+                        real_grads = _plain_gradient(net, x, y) if len(y) else [torch.zeros_like(p) for p in params]
+                with record_function("psg.synthetic_step"):
+                    syn_loss = F.cross_entropy(net(syn_images), syn_labels)
+                    syn_grads = torch.autograd.grad(syn_loss, params, create_graph=True)
+                    distance = matching_distance(real_grads, list(syn_grads))
+                    image_optimizer.zero_grad(set_to_none=True)
+                    (syn_images.grad,) = torch.autograd.grad(distance, [syn_images])
+                    image_optimizer.step()
             if outer == config.outer_loop - 1:
                 break
             # Post-processing: train the network on the current synthetic set (and the other sets).
+            # (record_function labels: microseconds each, read by bench/profile_psg_stage.py.)
             train_images, train_labels = syn_images.detach(), syn_labels
             if others is not None:
                 train_images = torch.cat([others.images.to(device), train_images])
                 train_labels = torch.cat([others.labels.to(device), train_labels])
-            for _ in range(config.inner_loop):
-                loss = F.cross_entropy(net(train_images), train_labels)
-                net_optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                net_optimizer.step()
+            with record_function("psg.inner_loop"):
+                for _ in range(config.inner_loop):
+                    loss = F.cross_entropy(net(train_images), train_labels)
+                    net_optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    net_optimizer.step()
         if progress is not None:
             progress.step()
 
