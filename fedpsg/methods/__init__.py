@@ -14,9 +14,10 @@ from fedpsg.methods.base import (
 from fedpsg.methods.dpdm import DPDM
 from fedpsg.methods.dpmerf import DPMerf
 from fedpsg.methods.dpsgd import DPSGD
+from fedpsg.methods.gswgan import GSWGAN
 from fedpsg.methods.psg import PSG
 
-for _method in (PSG(), DPSGD(), DPMerf(), DPDM()):  # one entry per built-in method
+for _method in (PSG(), DPSGD(), DPMerf(), DPDM(), GSWGAN()):  # one entry per built-in method
     register_method(_method)
 
 __all__ = [
