@@ -29,6 +29,7 @@ from fedpsg.methods import dpmerf, get_method, psg
 from fedpsg.methods.dpdm import generate_dpdm_set
 from fedpsg.methods.dpmerf import dpmerf_generate
 from fedpsg.methods.dpsgd import DPSGDConfig, dpsgd_finetune
+from fedpsg.methods.gswgan import gswgan_generate
 from fedpsg.methods.psg import generate_private_set
 from fedpsg.models import build_model
 from fedpsg.privacy import PrivacyRecord
@@ -42,7 +43,8 @@ DPSGD = replace(get_method("dpsgd").presets["tiny"], epochs=1)
 DPMERF = replace(get_method("dpmerf").presets["tiny"], generator_steps=20, samples_per_class=10)
 TINY_EVAL = get_method("psg").evaluation["tiny"]
 DPDM = replace(get_method("dpdm").presets["tiny"], iterations=10)
-CONFIGS = {"psg": PSG, "dpsgd": DPSGD, "dpmerf": DPMERF, "dpdm": DPDM}
+GSWGAN = replace(get_method("gswgan").presets["tiny"], generator_iterations=6, samples_per_class=10)
+CONFIGS = {"psg": PSG, "dpsgd": DPSGD, "dpmerf": DPMERF, "dpdm": DPDM, "gswgan": GSWGAN}
 CLASSES = [1, 2]  # partition 1 of the default order
 ARCH = TINY_EVAL.architecture
 
@@ -98,13 +100,18 @@ def replay_with_everything_the_coordinator_holds(method: str, request: TrainRequ
             data, CLASSES, dataset="fmnist", epsilon=10.0, delta=1e-5, config=DPMERF, seed=request.seed, secret=guessed
         )
         return generated.images
+    if method == "gswgan":
+        generated, _ = gswgan_generate(
+            data, CLASSES, spec, epsilon=10.0, delta=1e-5, config=GSWGAN, seed=request.seed, secret=guessed
+        )
+        return generated.images
     model = build_model(ARCH["model"], spec.channels, spec.num_classes, spec.image_size, ARCH["width"], ARCH["depth"])
     model.load_state_dict(request.model_state)
     dpsgd_finetune(model, data, epsilon=10.0, delta=1e-5, config=DPSGD, secret=guessed)
     return torch.cat([v.flatten().float() for v in model.state_dict().values()])
 
 
-@pytest.mark.parametrize("method", ["psg", "dpsgd", "dpmerf", "dpdm"])
+@pytest.mark.parametrize("method", ["psg", "dpsgd", "dpmerf", "dpdm", "gswgan"])
 def test_the_coordinator_cannot_replay_a_release_and_identical_requests_release_different_outputs(
     method, grid, party_data
 ):
