@@ -31,11 +31,12 @@ too weak rather than reporting a reassuring number.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from unittest import mock
 
 import opacus.optimizers.optimizer as opacus_optimizer
@@ -221,17 +222,12 @@ def run_audit(
     if variant not in VARIANTS:
         raise ValueError(f"unknown audit variant {variant!r}; available: {', '.join(VARIANTS)}")
     epsilon = math.inf if variant == "non-private" else stage.epsilon
-    audited = PartyStage(
+    audited = replace(
+        stage,
         data=with_canaries(stage.data, canaries),
-        classes=stage.classes,
-        spec=stage.spec,
         epsilon=epsilon,
-        delta=stage.delta,
-        seed=stage.seed,
-        model=new_classifier(stage.spec, evaluation, stage.seed),
-        device=stage.device,
+        model=copy.deepcopy(stage.model),  # a method may finetune it in place (DP-SGD)
         label=f"{stage.label} [{variant}]",
-        progress_interval=stage.progress_interval,
     )
     started = time.perf_counter()
     if variant == "noise-removed":

@@ -177,6 +177,21 @@ def stage_classes(class_order: list[int] | tuple[int, ...], classes_per_stage: i
     return [order[i : i + classes_per_stage] for i in range(0, len(order), classes_per_stage)]
 
 
+def partition_class_indices(data: ImageSet, classes: list[int] | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A party's class ids as a tensor, and each example's position in ``classes`` (0..len-1).
+
+    For methods that model one output per held class: rejects repeated classes and data holding
+    labels outside ``classes`` (the party must pass its own partition).
+    """
+    classes = list(classes)
+    if not classes or len(set(classes)) != len(classes):
+        raise ValueError(f"classes must be non-empty and distinct, got {classes}")
+    class_ids = torch.as_tensor(classes, dtype=data.labels.dtype)
+    if not torch.isin(data.labels, class_ids).all():
+        raise ValueError(f"data holds labels outside {classes}; pass the party's partition")
+    return class_ids, (data.labels.view(-1, 1) == class_ids.view(1, -1)).int().argmax(dim=1)
+
+
 def validate_classes(classes: list[int] | tuple[int, ...], num_classes: int) -> None:
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad or not classes:

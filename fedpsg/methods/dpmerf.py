@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedpsg.data import ImageSet, dataset_spec
+from fedpsg.data import ImageSet, dataset_spec, partition_class_indices
 from fedpsg.evaluation import EvalConfig
 from fedpsg.methods.base import Method, PartyStage, Release
 from fedpsg.privacy import ADJACENCIES, PrivacyRecord, gaussian_mechanism, private_record, validate_budget
@@ -330,14 +330,9 @@ def dpmerf_generate(
     """
     validate_budget(epsilon, delta)
     spec = dataset_spec(dataset)
-    classes = list(classes)
-    if not classes or len(set(classes)) != len(classes):
-        raise ValueError(f"classes must be non-empty and distinct, got {classes}")
+    class_ids, indices = partition_class_indices(data, classes)
     if len(data) == 0:
         raise ValueError("DP-Merf needs at least one example")
-    class_ids = torch.as_tensor(classes, dtype=data.labels.dtype)
-    if not torch.isin(data.labels, class_ids).all():
-        raise ValueError(f"data holds labels outside {classes}; pass the party's partition")
     channels, (height, width) = data.images.shape[1], data.images.shape[2:]
     if channels != 1:
         raise ValueError("DP-Merf's generator produces single-channel images")
@@ -349,8 +344,7 @@ def dpmerf_generate(
 
     # The only access to the real data: features in [0, 1] pixel space, where the kernel width is defined.
     pixels = spec.to_pixels(data.images.to(device)).flatten(1)
-    indices = (data.labels.view(-1, 1) == class_ids.view(1, -1)).int().argmax(dim=1).to(device)
-    emb = mean_embedding(pixels, indices, frequencies, len(classes))
+    emb = mean_embedding(pixels, indices.to(device), frequencies, len(class_ids))
     del pixels, indices
     secret = secret or SecretRandomness.fresh(device)
     noisy_emb, record = release_embedding(

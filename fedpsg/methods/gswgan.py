@@ -85,7 +85,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedpsg.data import DatasetSpec, ImageSet
+from fedpsg.data import DatasetSpec, ImageSet, partition_class_indices
 from fedpsg.evaluation import EvalConfig
 from fedpsg.methods.base import Method, PartyStage, Release
 from fedpsg.privacy import ACCOUNTANTS, PrivacyRecord, gaussian_mechanism, private_record, validate_budget
@@ -551,22 +551,16 @@ def gswgan_generate(
     Returns ``config.released_per_class`` images per class, normalised like the real data, with
     the original class ids, and the privacy record.
     """
-    classes = list(classes)
-    if not classes or len(set(classes)) != len(classes):
-        raise ValueError(f"classes must be non-empty and distinct, got {classes}")
+    class_ids, indices = partition_class_indices(data, classes)
     if len(data) == 0:
         raise ValueError("GS-WGAN needs at least one private example")
-    class_ids = torch.as_tensor(classes, dtype=data.labels.dtype)
-    if not torch.isin(data.labels, class_ids).all():
-        raise ValueError(f"data holds labels outside {classes}; pass the party's partition")
     if data.images.shape[1] != 1:
         raise ValueError("GS-WGAN's networks take single-channel images")
-    indices = (data.labels.view(-1, 1) == class_ids.view(1, -1)).int().argmax(dim=1)
     pixels = spec.to_pixels(data.images).clamp(0, 1)  # the generator's sigmoid range
     generator, record = train_gswgan(
         pixels,
         indices,
-        len(classes),
+        len(class_ids),
         epsilon=epsilon,
         delta=delta,
         config=config,
