@@ -102,11 +102,15 @@ __all__ = [
     "MECHANISM",
     "assign_subsets",
     "clip_per_sample",
+    "critic_step",
+    "generator_loss_gradients",
     "gradient_penalty",
     "gswgan_generate",
     "privacy_of",
+    "sample_generator",
     "sanitise",
     "step_sensitivity",
+    "update_average",
 ]
 
 MECHANISM = "subsampled-gaussian (1 of K critics per step, sensitivity 2*C*sqrt(B))"
@@ -289,6 +293,42 @@ def gradient_penalty(
     return (grad.flatten(1).norm(dim=1) - 1).square().mean()
 
 
+def critic_step(
+    critic: ConditionalCritic,
+    optimizer: torch.optim.Optimizer,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    gp_weight: float,
+    drift_weight: float,
+) -> None:
+    """One WGAN-GP update of ``critic`` (non-private: the critic never leaves its data's owner)."""
+    real_score, fake_score = critic(real, labels), critic(fake, labels)
+    loss = (
+        fake_score.mean()
+        - real_score.mean()
+        + gp_weight * gradient_penalty(critic, real, fake, labels, generator)
+        + drift_weight * real_score.square().mean()
+    )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def generator_loss_gradients(critic: ConditionalCritic, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``d(-D(x_i, y_i)) / d x_i`` for each sample: the only thing GS-WGAN sanitises and releases."""
+    leaf = images.detach().requires_grad_(True)
+    critic.requires_grad_(False)
+    try:
+        # Scores are per sample (no batch norm), so the gradient of their sum w.r.t. x_i is sample i's own.
+        (grad,) = torch.autograd.grad(-critic(leaf, labels).sum(), leaf)
+    finally:
+        critic.requires_grad_(True)
+    return grad
+
+
 # ---------------------------------------------------------------------------------------------
 # Sanitisation and accounting
 # ---------------------------------------------------------------------------------------------
@@ -407,16 +447,10 @@ class _Trainer:
         real, labels = self.pixels[index], self.labels[index]
         with torch.no_grad():
             fake = generator(self.codes(len(real)), labels)
-        real_score, fake_score = critic.net(real, labels), critic.net(fake, labels)
-        loss = (
-            fake_score.mean()
-            - real_score.mean()
-            + self.config.gp_weight * gradient_penalty(critic.net, real, fake, labels, self.public)
-            + self.config.drift_weight * real_score.square().mean()
-        )
-        critic.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        critic.optimizer.step()
+        critic_step(
+            critic.net, critic.optimizer, real, fake, labels, self.public,
+            gp_weight=self.config.gp_weight, drift_weight=self.config.drift_weight,
+        )  # fmt: skip
 
     def sample_gradients(
         self, critic: ConditionalCritic, generator: ConditionalGenerator
@@ -424,14 +458,7 @@ class _Trainer:
         """Generated images ``x`` (attached to the generator) and ``d(-D(x_i, y_i)) / d x_i`` for each."""
         labels = torch.randint(self.num_classes, (self.config.batch_size,), generator=self.public, device=self.device)
         images = generator(self.codes(len(labels)), labels)
-        leaf = images.detach().requires_grad_(True)
-        critic.requires_grad_(False)
-        try:
-            # Scores are per sample (no batch norm), so the gradient of their sum w.r.t. x_i is sample i's own.
-            (grad,) = torch.autograd.grad(-critic(leaf, labels).sum(), leaf)
-        finally:
-            critic.requires_grad_(True)
-        return images, grad
+        return images, generator_loss_gradients(critic, images.detach(), labels)
 
     def warm_start(self, critic: _Critic, index: int, progress: Progress | None) -> None:
         """The paper's non-private warm start: a GAN game on the critic's subset against a throwaway generator."""
@@ -448,7 +475,7 @@ class _Trainer:
                 progress.step()
 
 
-def _update_average(average: nn.Module, current: nn.Module, decay: float) -> None:
+def update_average(average: nn.Module, current: nn.Module, decay: float) -> None:
     with torch.no_grad():
         for avg, cur in zip(average.parameters(), current.parameters()):
             avg.lerp_(cur, 1.0 - decay)
@@ -506,7 +533,7 @@ def train_gswgan(
         optimizer.step()
         if average is not generator:
             # Warm-up (a plain running mean at first), so that early iterates do not dominate short runs.
-            _update_average(average, generator, min(config.ema_decay, step / (step + 1)))
+            update_average(average, generator, min(config.ema_decay, step / (step + 1)))
         if callback is not None:
             callback(step)
         if progress is not None:
