@@ -3,6 +3,9 @@
 - ``query.whoami``: which partition this node holds.
 - ``train``: run the requested method on the party's own data (``fedpsg.party``) and reply
   with DP outputs only.
+- ``train.fed_gswgan`` / ``train.fedavg_gan``: one round of a federated GAN scenario
+  (``fedpsg.federated_gan.party``); the party's critic and privacy ledger stay in its state
+  folder (node config ``state-dir``, else ``FEDPSG_PARTY_STATE_DIR``).
 
 The partition comes from the node config (``partition-id``, ``num-partitions``); the data root
 from the node config (``data-dir``) or ``FEDPSG_DATA_DIR``.
@@ -11,12 +14,20 @@ from the node config (``data-dir``) or ``FEDPSG_DATA_DIR``.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpsg.config import default_device
+from fedpsg.federated_gan import party as gan_party
+from fedpsg.federated_gan.protocol import (
+    decode_model_request,
+    decode_sample_request,
+    encode_gradient_reply,
+    encode_model_reply,
+)
 from fedpsg.party import run_stage
 from fedpsg.protocol import decode_train_request, encode_reply
 
@@ -47,3 +58,33 @@ def train(msg: Message, context: Context) -> Message:
         device=str(context.node_config.get("device", default_device())),
     )
     return Message(encode_reply(reply), reply_to=msg)
+
+
+def _check_partition(partition: int, context: Context) -> None:
+    if partition != _partition(context)[0]:
+        raise ValueError(f"request for partition {partition} reached the party holding {_partition(context)[0]}")
+
+
+@app.train("fed_gswgan")
+def fed_gswgan(msg: Message, context: Context) -> Message:
+    torch.set_num_threads(1)  # the round's parties run side by side
+    request, images, labels = decode_sample_request(msg.content)
+    _check_partition(request.partition, context)
+    state_dir = context.node_config.get("state-dir") or None
+    reply = gan_party.answer_samples(
+        request,
+        images,
+        labels,
+        data_dir=context.node_config.get("data-dir") or None,
+        state_dir=Path(state_dir) if state_dir else None,
+    )
+    return Message(encode_gradient_reply(reply), reply_to=msg)
+
+
+@app.train("fedavg_gan")
+def fedavg_gan(msg: Message, context: Context) -> Message:
+    torch.set_num_threads(1)
+    request, generator, critic = decode_model_request(msg.content)
+    _check_partition(request.partition, context)
+    reply = gan_party.answer_models(request, generator, critic, data_dir=context.node_config.get("data-dir") or None)
+    return Message(encode_model_reply(reply), reply_to=msg)

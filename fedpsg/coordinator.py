@@ -90,7 +90,7 @@ class Coordinator:
         """Every method's stages in order; returns the result rows. Writes DONE when complete."""
         settings = self.settings
         (self.out / "DONE").unlink(missing_ok=True)  # written again only if this run completes
-        with _run_log(self.out / "run.log"):
+        with run_log(self.out / "run.log"):
             parties.discover(list(range(settings.num_partitions)), settings.reconnect_timeout)
             for method in settings.methods:
                 for stage, classes in enumerate(settings.stages, start=1):
@@ -311,7 +311,7 @@ class Coordinator:
 
 
 @contextmanager
-def _run_log(path: Path) -> Iterator[None]:
+def run_log(path: Path) -> Iterator[None]:
     """Copy the fedpsg loggers' INFO lines into the run folder's run.log while the run lasts."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)

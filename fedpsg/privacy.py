@@ -18,9 +18,10 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.optimizers.optimizer import _generate_noise
 
 ACCOUNTANTS = ("rdp", "prv")
-# Neighbouring datasets: one example added or removed (Opacus, PSG, DP-SGD), or replaced by
-# another with the dataset size fixed and public (DP-Merf's paper).
-ADJACENCIES = ("add-remove", "replace-one")
+# Neighbouring datasets: one example added or removed (Opacus, PSG, DP-SGD), replaced by
+# another with the dataset size fixed and public (DP-Merf's paper), or a party's whole dataset
+# replaced by any other (user-level DP of the federated GAN scenarios).
+ADJACENCIES = ("add-remove", "replace-one", "user-level")
 
 # Opacus's default orders stop at 63, where the optimum sits for small epsilons and long runs;
 # this grid reaches far enough on both sides that the optimum is interior for the budgets we use.

@@ -19,6 +19,7 @@ from fedpsg.methods import get_method, method_names
 
 SCENARIO_DIRS_ENV = "FEDPSG_SCENARIO_DIR"
 REPLAY_MODES = ("fresh", "continue")
+CONTINUAL = "continual"  # kind of the stage-by-stage scenarios; see scenario_kind
 
 
 def scenario_dirs() -> list[Path]:
@@ -72,16 +73,36 @@ def available_scenarios() -> list[str]:
     return sorted({p.stem for d in scenario_dirs() if d.is_dir() for p in d.glob("*.yaml")})
 
 
-def load_scenario(name_or_path: str) -> Scenario:
+def scenario_path(name_or_path: str) -> Path:
+    """``scenarios/NAME.yaml`` from the scenario folders, or the YAML file given."""
     path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml") or not path.exists():
-        candidates = [d / f"{name_or_path}.yaml" for d in scenario_dirs()]
-        path = next((c for c in candidates if c.exists()), None)
-        if path is None:
-            raise ValueError(
-                f"unknown scenario {name_or_path!r}; available: {', '.join(available_scenarios()) or '(none found)'}"
-            )
-    values = yaml.safe_load(path.read_text()) or {}
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidates = [d / f"{name_or_path}.yaml" for d in scenario_dirs()]
+    found = next((c for c in candidates if c.exists()), None)
+    if found is None:
+        raise ValueError(
+            f"unknown scenario {name_or_path!r}; available: {', '.join(available_scenarios()) or '(none found)'}"
+        )
+    return found
+
+
+def read_scenario(name_or_path: str) -> tuple[Path, dict]:
+    path = scenario_path(name_or_path)
+    return path, yaml.safe_load(path.read_text()) or {}
+
+
+def scenario_kind(name_or_path: str) -> str:
+    """``continual`` (the default) or ``federated-gan`` (fedpsg.federated_gan)."""
+    _, values = read_scenario(name_or_path)
+    return str(values.get("kind", CONTINUAL))
+
+
+def load_scenario(name_or_path: str) -> Scenario:
+    path, values = read_scenario(name_or_path)
+    kind = values.pop("kind", CONTINUAL)
+    if kind != CONTINUAL:
+        raise ValueError(f"{path} is a {kind} scenario, not a continual one; run it with python -m fedpsg.simulate")
     known = (set(Scenario.__dataclass_fields__) - {"name", "overrides"}) | {"set"}
     unknown = set(values) - known
     if unknown:

@@ -1,6 +1,7 @@
 """Run a federated continual-learning scenario as a Flower simulation on Ray.
 
     python -m fedpsg.simulate --scenario split_fmnist --eps 10
+    python -m fedpsg.simulate --scenario fed_gswgan_mnist --eps 10   (fedpsg.federated_gan.cli)
 
 One virtual SuperNode per party; the coordinator (ServerApp) visits them stage by stage.
 Results land in ``--out`` (default ``runs/<scenario>-eps<eps>``): results.csv, summary.json,
@@ -19,6 +20,9 @@ from fedpsg.cli import add_run_arguments, settings_from_args
 from fedpsg.config import RunSettings
 from fedpsg.coordinator import ResumeMismatchError, check_resumable
 from fedpsg.data import DATA_DIR_ENV, DataNotFoundError, load_images
+from fedpsg.federated_gan.config import KIND as FEDERATED_GAN
+from fedpsg.federated_gan.config import FedGANSettings
+from fedpsg.scenario import scenario_kind
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def simulate(settings: RunSettings, ray_address: str | None = None, party_cpus: float = 1.0, party_gpus=None) -> None:
+def _federated_gan_scenario(argv: list[str] | None) -> bool:
+    """Whether ``--scenario`` names a federated-gan scenario (an unknown one is reported later)."""
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--scenario", default=None)
+    known, _ = peek.parse_known_args(argv)
+    try:
+        return known.scenario is not None and scenario_kind(known.scenario) == FEDERATED_GAN
+    except ValueError:
+        return False
+
+
+def simulate(
+    settings: RunSettings | FedGANSettings, ray_address: str | None = None, party_cpus: float = 1.0, party_gpus=None
+) -> None:
     """Run the scenario with ``flwr.simulation.run_simulation`` (Ray backend)."""
     from flwr.simulation import run_simulation
 
@@ -51,6 +68,10 @@ def simulate(settings: RunSettings, ray_address: str | None = None, party_cpus: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    if _federated_gan_scenario(argv):
+        from fedpsg.federated_gan.cli import main as federated_main
+
+        return federated_main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,11 +1,13 @@
-"""Flower ServerApp: the coordinator. It adapts Flower's Grid to ``fedpsg.coordinator.Parties``;
-the run itself (stages, retries, resume, evaluation, outputs) is ``Coordinator.run``.
+"""Flower ServerApp: the coordinator. It adapts Flower's Grid to ``fedpsg.coordinator.Parties``
+(and to the federated GAN's ``FedGANParties``); the run itself (stages or rounds, retries,
+resume, evaluation, outputs) is ``Coordinator.run`` / ``FedGANRun.run``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 from flwr.app import Context, Message, RecordDict
 from flwr.common.constant import ErrorCode
@@ -13,6 +15,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpsg.config import RunSettings, settings_from_run_config
 from fedpsg.coordinator import Coordinator, PartyError, PartyUnavailable
+from fedpsg.federated_gan.config import FedGANSettings
+from fedpsg.federated_gan.coordinator import FedGANRun
 from fedpsg.protocol import StageReply, TrainRequest, decode_reply, encode_train_request
 
 log = logging.getLogger("fedpsg.server")
@@ -82,15 +86,39 @@ class GridParties:
             raise kind(f"{where}: the party failed: {error.reason}")
         return decode_reply(replies[0].content)
 
+    def exchange(
+        self, requests: Mapping[int, RecordDict], message_type: str, group: str, timeout: float
+    ) -> dict[int, RecordDict | PartyError]:
+        """One message per partition, all in flight at once (federated GAN rounds)."""
+        messages = [
+            Message(content, dst_node_id=self.nodes[p], message_type=message_type, group_id=group, ttl=timeout)
+            for p, content in requests.items()
+        ]
+        partition_of = {self.nodes[p]: p for p in requests}
+        results: dict[int, RecordDict | PartyError] = {
+            p: PartyUnavailable(f"no reply within {timeout:.0f} s") for p in requests
+        }
+        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+            partition = partition_of[reply.metadata.src_node_id]
+            if reply.has_error():
+                kind = PartyUnavailable if reply.error.code in RETRYABLE_ERRORS else PartyError
+                results[partition] = kind(f"the party failed: {reply.error.reason}")
+            else:
+                results[partition] = reply.content
+        return results
 
-def make_server_app(settings: RunSettings | None = None) -> ServerApp:
+
+def make_server_app(settings: RunSettings | FedGANSettings | None = None) -> ServerApp:
     """A ServerApp for ``settings``, or one that reads them from the Flower run config."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_settings = settings or settings_from_run_config(dict(context.run_config))
-        Coordinator(run_settings).run(GridParties(grid))
+        if isinstance(run_settings, FedGANSettings):
+            FedGANRun(run_settings).run(GridParties(grid))
+        else:
+            Coordinator(run_settings).run(GridParties(grid))
 
     return app
 

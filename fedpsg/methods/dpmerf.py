@@ -22,9 +22,11 @@ from torch import nn
 from fedpsg.data import ImageSet, dataset_spec, partition_class_indices
 from fedpsg.evaluation import EvalConfig
 from fedpsg.methods.base import Method, PartyStage, Release
-from fedpsg.privacy import ADJACENCIES, PrivacyRecord, gaussian_mechanism, private_record, validate_budget
+from fedpsg.privacy import PrivacyRecord, gaussian_mechanism, private_record, validate_budget
 from fedpsg.progress import Progress
 from fedpsg.secret import SecretRandomness, secret_generator
+
+EXAMPLE_ADJACENCIES = ("add-remove", "replace-one")  # the neighbourhoods its sensitivity is derived for
 
 __all__ = [
     "DPMERF_KERNEL_WIDTH",
@@ -74,8 +76,8 @@ class DPMerfConfig:
             raise ValueError("generator_steps, batch_size, latent_dim, hidden_dim and lr_decay_every must be >= 1")
         if self.samples_per_class < 0:
             raise ValueError("samples_per_class must be >= 0")
-        if self.adjacency not in ADJACENCIES:
-            raise ValueError(f"adjacency must be one of {ADJACENCIES}, got {self.adjacency!r}")
+        if self.adjacency not in EXAMPLE_ADJACENCIES:
+            raise ValueError(f"adjacency must be one of {EXAMPLE_ADJACENCIES}, got {self.adjacency!r}")
 
     def resolved_kernel_width(self, dataset: str) -> float:
         if self.kernel_width is not None:
@@ -153,7 +155,7 @@ def embedding_sensitivity(n: int, adjacency: str = "add-remove") -> float:
         return 1.0 / n
     if adjacency == "replace-one":
         return 2.0 / n
-    raise ValueError(f"unknown adjacency {adjacency!r}; available: {', '.join(ADJACENCIES)}")
+    raise ValueError(f"unknown adjacency {adjacency!r}; available: {', '.join(EXAMPLE_ADJACENCIES)}")
 
 
 def release_embedding(
