@@ -6,8 +6,9 @@
 
 Every point runs one registered method on one party holding every class of the dataset
 (spc images per class, the method's ``cpu`` profile plus the point's ``--set`` overrides),
-then trains fresh classifiers on what it released (the same evaluation protocol for every
-method and point) and tests them on the real test set. Writes ``utility.csv`` (one row per
+then trains fresh classifiers on what it released, with the method's own ``cpu`` evaluation
+(what the federated run uses: 300 epochs for a 10-per-class set, 40 for a generator's hundreds
+per class), and tests them on the real test set. Writes ``utility.csv`` (one row per
 point: method, dataset, eps, overrides, generation wall seconds, generation CPU seconds,
 accuracy mean/std) and ``utility.png`` (accuracy vs generation seconds, one panel per dataset
 and eps, with the published figures as reference lines). Run it on a quiet machine: it prints
@@ -31,7 +32,7 @@ import torch  # noqa: E402
 
 from fedpsg.config import method_settings, parse_overrides, split_sections  # noqa: E402
 from fedpsg.data import ImageSet, dataset_spec, load_images  # noqa: E402
-from fedpsg.evaluation import EvalConfig, evaluate_training_set, new_classifier  # noqa: E402
+from fedpsg.evaluation import evaluate_training_set, new_classifier  # noqa: E402
 from fedpsg.methods import PartyStage, get_method, method_names  # noqa: E402
 
 # Published accuracies (%), 10 images per class, ConvNet, all 10 classes, by (dataset, eps).
@@ -57,7 +58,6 @@ DEFAULT_GRID = {
         "dpmerf.generator_steps=3000 dpmerf.samples_per_class=1000",
     ],
 }
-EVALUATION = EvalConfig(width=32, epochs=300, augment=True, num_evals=2)  # one protocol for every point
 
 
 def parse_grid(text: str | None) -> dict[str, list[str]]:
@@ -98,7 +98,7 @@ def run_point(
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     if release.images is None:  # a model release has no set to train on: test the model itself
         raise ValueError(f"{method_name} releases a model, not a synthetic set; the benchmark compares synthesizers")
-    result = evaluate_training_set(ImageSet(release.images, release.labels), test, spec, EVALUATION, seed=seed)
+    result = evaluate_training_set(ImageSet(release.images, release.labels), test, spec, evaluation, seed=seed)
     return {
         "method": method_name,
         "dataset": dataset,

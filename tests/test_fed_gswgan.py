@@ -228,3 +228,32 @@ def test_a_flower_simulation_writes_its_outputs_and_resumes_after_interruption(t
     for ledger in (out / "party-state").glob("*/party-*.pt"):
         state = torch.load(ledger, weights_only=True)
         assert state["releases"] == rounds  # the re-sent round was answered from the ledger, not re-spent
+
+
+@pytest.mark.parametrize(
+    "flags, reason",
+    [
+        (["--parties", "0"], "must be >= 1"),
+        (["--split", "diagonal"], "invalid choice"),
+        (["--methods", "psg"], "subset of"),
+        (["--set", "gan.rounds=0"], "must be >= 1: rounds"),
+        (["--set", "psg.iterations=3"], "unknown settings section 'psg'"),
+        (["--spc", "10"], "--spc is for continual scenarios"),
+        (["--eps", "1,10"], "one --eps"),
+    ],
+)
+def test_bad_federated_flags_are_rejected_before_anything_starts(flags, reason, tmp_path, capsys):
+    from fedpsg.simulate import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--scenario", "fed_gswgan_mnist", "--out", str(tmp_path / "run"), *flags])
+    assert stopped.value.code == 2 and reason in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_federated_scenario_is_not_read_as_a_continual_one():
+    from fedpsg.scenario import load_scenario, scenario_kind
+
+    assert scenario_kind("fed_gswgan_fmnist") == "federated-gan" and scenario_kind("split_mnist") == "continual"
+    with pytest.raises(ValueError, match="is a federated-gan scenario"):
+        load_scenario("fed_gswgan_mnist")
