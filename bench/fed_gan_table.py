@@ -21,6 +21,7 @@ from pathlib import Path
 
 DEFAULT_RUNS = [
     "fed_gswgan_mnist --eps 10",
+    "fed_gswgan_mnist --eps 1000 --methods fed-gswgan",
     "fed_gswgan_mnist --eps inf --methods fed-gswgan",
     "fed_gswgan_fmnist --eps 10",
     "fed_gswgan_mnist --eps 10 --parties 50 --split by-class --methods fed-gswgan --set gan.parties_per_round=10",

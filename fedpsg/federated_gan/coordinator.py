@@ -53,7 +53,7 @@ from fedpsg.federated_gan.protocol import (  # noqa: E402
     message_bytes,
 )
 from fedpsg.federated_gan.split import party_classes  # noqa: E402
-from fedpsg.files import save_atomically, write_text_atomically  # noqa: E402
+from fedpsg.files import save_atomically, strict_json, write_text_atomically  # noqa: E402
 from fedpsg.methods.gswgan import sample_generator, update_average  # noqa: E402
 from fedpsg.progress import Progress  # noqa: E402
 from fedpsg.synthetic import save_grid  # noqa: E402
@@ -337,11 +337,13 @@ class FedGANRun:
         evaluations.to_csv(self.out / "results.csv", index=False)
         rounds.to_csv(self.out / "rounds.csv", index=False)
         privacy = {m: s.privacy for m, s in states.items()}
-        write_text_atomically(self.out / "privacy.json", json.dumps(privacy, indent=2, default=str))
+        write_text_atomically(self.out / "privacy.json", json.dumps(strict_json(privacy), indent=2, allow_nan=False))
         final = evaluations.groupby("method").last() if len(evaluations) else pd.DataFrame()
         summary = {
             "settings": self.settings.identity(),
-            "final": {m: row.to_dict() for m, row in final.iterrows()},
+            "final": {
+                m: {k: getattr(v, "item", lambda v=v: v)() for k, v in row.items()} for m, row in final.iterrows()
+            },
             "bytes_per_round_per_party": {
                 m: {"down": float(g["bytes_down_per_party"].mean()), "up": float(g["bytes_up_per_party"].mean())}
                 for m, g in rounds.groupby("method")
@@ -350,7 +352,7 @@ class FedGANRun:
             else {},
             "wall_seconds": {m: round(s.seconds, 1) for m, s in states.items()},
         }
-        write_text_atomically(self.out / "summary.json", json.dumps(summary, indent=2, default=str))
+        write_text_atomically(self.out / "summary.json", json.dumps(strict_json(summary), indent=2, allow_nan=False))
         title = f"{self.settings.scenario.name}: {self.settings.num_partitions} parties, {self.settings.scenario.split}"
         write_text_atomically(self.out / "report.md", f"# {title}\n\n{markdown_table(evaluations)}")
         if len(evaluations):
