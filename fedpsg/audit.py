@@ -22,14 +22,9 @@ from pathlib import Path
 import torch
 
 from fedpsg.canary_audit import VARIANTS, AuditRun, mislabeled_canaries, run_audit, verdict
-from fedpsg.cli import add_common_arguments, int_list, positive_int
+from fedpsg.cli import add_common_arguments, int_list, party_settings, positive_int
 from fedpsg.config import (
-    default_device,
-    default_profile,
     format_epsilon,
-    method_settings,
-    parse_overrides,
-    split_sections,
 )
 from fedpsg.data import (
     DataNotFoundError,
@@ -37,12 +32,11 @@ from fedpsg.data import (
     dataset_spec,
     load_images,
     stage_classes,
-    validate_classes,
 )
 from fedpsg.evaluation import new_classifier
 from fedpsg.files import strict_json
 from fedpsg.memorisation import measure_memorisation, save_nearest_pairs
-from fedpsg.methods import PartyStage, get_method, method_names
+from fedpsg.methods import PartyStage, method_names
 from fedpsg.synthetic import SyntheticSet
 
 log = logging.getLogger("fedpsg.audit")
@@ -112,19 +106,13 @@ def _memorisation_markdown(rows: list[dict], title: str) -> str:
 
 # ----- a fresh audited party run ---------------------------------------------------------------
 def audit_fresh_run(args: argparse.Namespace, out: Path) -> dict:
-    method = get_method(args.method)
-    spec = dataset_spec(args.dataset)
-    validate_classes(args.classes, spec.num_classes)
-    epsilon = (args.eps or [10.0])[0]
-    delta = args.delta or 1e-5
-    device = args.device or default_device()
-    profile = args.profile or default_profile(device)
+    settings = party_settings(args, "audit")
+    method, spec, config, evaluation = settings.method, settings.spec, settings.config, settings.evaluation
+    epsilon, delta, device, profile = settings.epsilon, settings.delta, settings.device, settings.profile
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; available: {', '.join(VARIANTS)}")
-    sections = split_sections(parse_overrides(args.overrides), [method.name])
-    config, evaluation = method_settings(method.name, profile, sections, args.spc)
 
     train = load_images(spec.name, train=True, data_dir=args.data_dir).only_classes(args.classes)
     test = load_images(spec.name, train=False, data_dir=args.data_dir)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedpsg.config import (
     DEFAULT_RECONNECT_TIMEOUT,
@@ -16,12 +18,18 @@ from fedpsg.config import (
     DEFAULT_STAGE_RETRIES,
     DEFAULT_STAGE_TIMEOUT,
     RunSettings,
+    default_device,
+    default_profile,
     format_epsilon,
+    method_settings,
     parse_epsilons,
+    parse_overrides,
     resolve_settings,
+    split_sections,
 )
-from fedpsg.data import DATA_DIR_ENV
-from fedpsg.methods import PROFILES, method_names
+from fedpsg.data import DATA_DIR_ENV, DatasetSpec, dataset_spec, validate_classes
+from fedpsg.evaluation import EvalConfig
+from fedpsg.methods import PROFILES, Method, get_method, method_names
 from fedpsg.scenario import REPLAY_MODES, available_scenarios
 
 
@@ -134,3 +142,34 @@ def settings_from_args(args: argparse.Namespace) -> list[RunSettings]:
             )
         )
     return runs
+
+
+@dataclass(frozen=True)
+class PartySettings:
+    """One party's method run (``generate``, ``audit``): every setting resolved and validated."""
+
+    method: Method
+    spec: DatasetSpec
+    classes: list[int]
+    config: Any  # the method's config dataclass
+    evaluation: EvalConfig
+    epsilon: float
+    delta: float
+    device: str
+    profile: str
+
+
+def party_settings(args: argparse.Namespace, command: str) -> PartySettings:
+    """From ``--method --dataset --classes`` and the common flags; raise ValueError on anything invalid."""
+    if args.eps and len(args.eps) > 1:
+        raise ValueError(f"--eps: {command} takes one epsilon")
+    method = get_method(args.method)
+    spec = dataset_spec(args.dataset)
+    classes = args.classes if args.classes is not None else list(range(spec.num_classes))
+    validate_classes(classes, spec.num_classes)
+    device = args.device or default_device()
+    profile = args.profile or default_profile(device)
+    sections = split_sections(parse_overrides(args.overrides), [method.name])
+    config, evaluation = method_settings(method.name, profile, sections, args.spc)
+    epsilon, delta = (args.eps or [10.0])[0], args.delta or 1e-5
+    return PartySettings(method, spec, classes, config, evaluation, epsilon, delta, device, profile)

@@ -17,19 +17,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from fedpsg.cli import add_common_arguments, int_list
+from fedpsg.cli import add_common_arguments, int_list, party_settings
 from fedpsg.config import (
-    default_device,
-    default_profile,
     format_epsilon,
-    method_settings,
-    parse_overrides,
-    split_sections,
 )
-from fedpsg.data import DataNotFoundError, ImageSet, dataset_spec, load_images, validate_classes
+from fedpsg.data import DataNotFoundError, ImageSet, load_images
 from fedpsg.evaluation import Evaluation, accuracy_by_group, evaluate_training_set, new_classifier
 from fedpsg.files import save_atomically
-from fedpsg.methods import PartyStage, get_method, method_names
+from fedpsg.methods import PartyStage, method_names
 from fedpsg.synthetic import save_grid
 
 log = logging.getLogger("fedpsg.generate")
@@ -49,21 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    epsilon = (args.eps or [10.0])[0]
-    delta = args.delta or 1e-5
     try:
-        if args.eps and len(args.eps) > 1:
-            raise ValueError("--eps: generate takes one epsilon")
-        method = get_method(args.method)
-        spec = dataset_spec(args.dataset)
-        classes = args.classes if args.classes is not None else list(range(spec.num_classes))
-        validate_classes(classes, spec.num_classes)
-        device = args.device or default_device()
-        profile = args.profile or default_profile(device)
-        sections = split_sections(parse_overrides(args.overrides), [method.name])
-        config, evaluation = method_settings(method.name, profile, sections, args.spc)
+        settings = party_settings(args, "generate")
     except ValueError as err:
         parser.error(str(err))
+    method, spec, classes, config, evaluation = (
+        settings.method, settings.spec, settings.classes, settings.config, settings.evaluation
+    )  # fmt: skip
+    epsilon, delta, device, profile = settings.epsilon, settings.delta, settings.device, settings.profile
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     default_out = f"generate-{method.name}-{spec.name}-{'-'.join(map(str, classes))}-eps{format_epsilon(epsilon)}"
     out = args.out or Path("runs") / default_out
