@@ -257,3 +257,24 @@ def test_a_federated_scenario_is_not_read_as_a_continual_one():
     assert scenario_kind("fed_gswgan_fmnist") == "federated-gan" and scenario_kind("split_mnist") == "continual"
     with pytest.raises(ValueError, match="is a federated-gan scenario"):
         load_scenario("fed_gswgan_mnist")
+
+
+def test_a_run_folder_with_other_settings_is_not_resumed(tmp_path):
+    from fedpsg.coordinator import ResumeMismatchError
+    from fedpsg.data import ImageSet
+    from fedpsg.federated_gan.cli import build_parser, settings_from_args
+    from fedpsg.federated_gan.coordinator import FedGANRun
+
+    test_images = ImageSet(torch.zeros(2, 1, 28, 28), torch.tensor([0, 1]))
+
+    def settings(*flags):
+        args = ["--scenario", "fed_gswgan_mnist", "--profile", "tiny", "--out", str(tmp_path), *flags]
+        return settings_from_args(build_parser().parse_args(args))
+
+    FedGANRun(settings("--eps", "10"), test_images)
+    FedGANRun(settings("--eps", "10", "--methods", "fed-gswgan"), test_images)  # fewer methods: same run
+    assert settings("--eps", "10").run_id() == settings("--eps", "10", "--methods", "fedavg-gan").run_id()
+    with pytest.raises(ResumeMismatchError, match="scenario"):
+        FedGANRun(settings("--eps", "1"), test_images)
+    with pytest.raises(ResumeMismatchError, match="gan"):
+        FedGANRun(settings("--eps", "10", "--set", "gan.rounds=3"), test_images)

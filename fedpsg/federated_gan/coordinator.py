@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -175,9 +175,9 @@ class MethodState:
     """What a method's checkpoint holds besides the trainer: where it is, and what it has measured."""
 
     next_round: int = 0
-    rounds: list | None = None  # one row per round: parties, bytes, seconds
-    evaluations: list | None = None  # one row per evaluation
-    privacy: dict | None = None  # partition -> last accountant record received
+    rounds: list[dict] = field(default_factory=list)  # one row per round: parties and bytes
+    evaluations: list[dict] = field(default_factory=list)  # one row per evaluation
+    privacy: dict[str, dict] = field(default_factory=dict)  # partition -> last accountant record received
     seconds: float = 0.0
     total_bytes: int = 0  # every request and reply so far, all parties
 
@@ -221,7 +221,7 @@ class FedGANRun:
     def run_method(self, parties: FedGANParties, method: str) -> None:
         settings, config = self.settings, self.settings.config
         trainer = TRAINERS[method](settings, self.spec.num_classes)
-        state = MethodState(rounds=[], evaluations=[], privacy={})
+        state = MethodState()
         path = self._checkpoint_path(method)
         if path.exists():
             saved = torch.load(path, weights_only=False)
