@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from fedpsg.augment import crop_scale_rotate
 from fedpsg.data import DatasetSpec, ImageSet
 from fedpsg.models import build_model
+from fedpsg.secret import public_seed
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,7 @@ class Evaluation:
 
 def new_classifier(spec: DatasetSpec, config: EvalConfig, seed: int = 0) -> nn.Module:
     """A freshly initialised classifier of the evaluation architecture (seeded, no global side effects)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with public_seed(seed):
         return build_model(
             config.model, spec.channels, spec.num_classes, spec.image_size, width=config.width, depth=config.depth
         )

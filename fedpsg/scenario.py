@@ -98,16 +98,24 @@ def scenario_kind(name_or_path: str) -> str:
     return str(values.get("kind", CONTINUAL))
 
 
-def load_scenario(name_or_path: str) -> Scenario:
-    path, values = read_scenario(name_or_path)
-    kind = values.pop("kind", CONTINUAL)
-    if kind != CONTINUAL:
-        raise ValueError(f"{path} is a {kind} scenario, not a continual one; run it with python -m fedpsg.simulate")
-    known = (set(Scenario.__dataclass_fields__) - {"name", "overrides"}) | {"set"}
+def scenario_fields(path: Path, values: Mapping[str, Any], scenario_class: type) -> dict[str, Any]:
+    """A scenario file's values as ``scenario_class``'s keyword arguments (``name`` and
+    ``overrides`` included), after rejecting keys the class does not know."""
+    values = {k: v for k, v in values.items() if k != "kind"}
+    known = (set(scenario_class.__dataclass_fields__) - {"name", "overrides"}) | {"set"}
     unknown = set(values) - known
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    values["overrides"] = flatten_overrides(values.pop("set", None) or {})
-    scenario = Scenario(name=path.stem, **{k: v for k, v in values.items() if v is not None or k == "profile"})
+    overrides = flatten_overrides(values.pop("set", None) or {})
+    return {"name": path.stem, "overrides": overrides, **values}
+
+
+def load_scenario(name_or_path: str) -> Scenario:
+    path, values = read_scenario(name_or_path)
+    kind = values.get("kind", CONTINUAL)
+    if kind != CONTINUAL:
+        raise ValueError(f"{path} is a {kind} scenario, not a continual one; run it with python -m fedpsg.simulate")
+    fields = scenario_fields(path, values, Scenario)
+    scenario = Scenario(**{k: v for k, v in fields.items() if v is not None or k == "profile"})
     scenario.validate()
     return scenario

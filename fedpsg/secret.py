@@ -19,6 +19,8 @@ on Gaussian sampling; see the README's threat model.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +29,15 @@ import torch
 def _os_entropy_seed() -> int:
     """63 bits from the OS CSPRNG (torch seeds are signed 64-bit)."""
     return secrets.randbits(63)
+
+
+@contextmanager
+def public_seed(seed: int, cuda_devices: Sequence[int] = ()) -> Iterator[None]:
+    """Seed torch's global RNG for a block of *public* randomness (layer initialisation,
+    starting images) and restore it afterwards, so nothing else's draws depend on the seed."""
+    with torch.random.fork_rng(devices=list(cuda_devices)):
+        torch.manual_seed(seed)
+        yield
 
 
 def secret_generator(device: str | torch.device = "cpu") -> torch.Generator:

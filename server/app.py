@@ -69,22 +69,13 @@ class GridParties:
             time.sleep(self.poll)
 
     def send(self, request: TrainRequest, timeout: float) -> StageReply:
-        message = Message(
-            encode_train_request(request),
-            dst_node_id=self.nodes[request.partition],
-            message_type="train",
-            group_id=f"{request.method}-stage-{request.stage}",
-            ttl=timeout,
-        )
-        replies = list(self.grid.send_and_receive([message], timeout=timeout))
-        where = f"stage {request.stage} ({request.method}, partition {request.partition})"
-        if not replies:
-            raise PartyUnavailable(f"{where}: no reply within {timeout:.0f} s")
-        if replies[0].has_error():
-            error = replies[0].error
-            kind = PartyUnavailable if error.code in RETRYABLE_ERRORS else PartyError
-            raise kind(f"{where}: the party failed: {error.reason}")
-        return decode_reply(replies[0].content)
+        group = f"{request.method}-stage-{request.stage}"
+        result = self.exchange({request.partition: encode_train_request(request)}, "train", group, timeout)
+        reply = result[request.partition]
+        if isinstance(reply, PartyError):
+            where = f"stage {request.stage} ({request.method}, partition {request.partition})"
+            raise type(reply)(f"{where}: {reply}")
+        return decode_reply(reply)
 
     def exchange(
         self, requests: Mapping[int, RecordDict], message_type: str, group: str, timeout: float

@@ -261,3 +261,18 @@ def test_every_release_uses_the_secure_noise_draw(monkeypatch):
     torch_normal = count_calls(monkeypatch, torch, "normal")
     gaussian_mechanism([torch.zeros(10)], 3.0, torch.Generator().manual_seed(0))
     assert len(torch_normal) == 5  # one discarded draw, then four
+
+
+def test_public_seed_is_reproducible_and_leaves_the_global_stream_untouched():
+    torch.manual_seed(123)
+    expected_next = torch.rand(4)
+    torch.manual_seed(123)
+    with secret.public_seed(7):
+        first = torch.randn(3)
+    after = torch.rand(4)
+    with secret.public_seed(7):
+        again = torch.randn(3)
+    assert torch.equal(first, again)
+    # Draws outside the block continue as if the block never ran: a public seed used for an
+    # initialisation must not fix whatever the global RNG feeds next.
+    assert torch.equal(after, expected_next)

@@ -138,15 +138,9 @@ class FedGANScenario:
 
 
 def read_federated_scenario(path: Path, values: Mapping[str, Any]) -> FedGANScenario:
-    from fedpsg.scenario import flatten_overrides  # the continual scenarios' ``set:`` reading
+    from fedpsg.scenario import scenario_fields  # the continual scenarios' file reading
 
-    values = {k: v for k, v in values.items() if k != "kind"}
-    known = (set(FedGANScenario.__dataclass_fields__) - {"name", "overrides"}) | {"set"}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    overrides = flatten_overrides(values.pop("set", None) or {})
-    scenario = FedGANScenario(name=path.stem, overrides=overrides, **values)
+    scenario = FedGANScenario(**scenario_fields(path, values, FedGANScenario))
     scenario.validate()
     return scenario
 

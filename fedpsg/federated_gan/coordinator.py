@@ -307,15 +307,15 @@ class FedGANRun:
         )
         result = evaluate_training_set(generated, self.test, self.spec, settings.evaluation, seed=settings.seed)
         epsilons = [record["epsilon"] for record in state.privacy.values()]
-        recent = state.rounds[-min(len(state.rounds), config.eval_every) :]
+        recent = pd.DataFrame(state.rounds[-min(len(state.rounds), config.eval_every) :])
         row = {
             "method": method,
             "round": state.next_round,
             "accuracy": result.mean,
             "accuracy_std": result.std,
             "epsilon": max(epsilons) if epsilons else math.nan,
-            "bytes_down_per_party": float(pd.DataFrame(recent)["bytes_down_per_party"].mean()),
-            "bytes_up_per_party": float(pd.DataFrame(recent)["bytes_up_per_party"].mean()),
+            "bytes_down_per_party": float(recent["bytes_down_per_party"].mean()),
+            "bytes_up_per_party": float(recent["bytes_up_per_party"].mean()),
             "bytes_total": state.total_bytes,
             "seconds": round(state.seconds, 1),
         }

@@ -50,7 +50,7 @@ from fedpsg.methods.gswgan import (
     step_sensitivity,
 )
 from fedpsg.privacy import PrivacyRecord, private_record, validate_budget
-from fedpsg.secret import SecretRandomness
+from fedpsg.secret import SecretRandomness, public_seed
 
 STATE_DIR_ENV = "FEDPSG_PARTY_STATE_DIR"
 MECHANISM = "gaussian (user-level: any change of the party's dataset; sensitivity 2*C*sqrt(B))"
@@ -97,25 +97,32 @@ def _train_pixels(dataset: str, data_dir: str | None) -> tuple[torch.Tensor, tor
 
 def load_party_data(request: RoundRequest, data_dir: str | None = None) -> PartyData:
     """The share of partition ``request.partition`` under the run's public split (read once per process)."""
-    pixels, labels = _train_pixels(request.dataset, data_dir)
+    return _party_share(
+        request.dataset, data_dir, request.num_parties, request.split, request.split_seed, request.partition
+    )
+
+
+# Shares are disjoint, so caching all of a process's parties holds at most one copy of the dataset;
+# the split is recomputed only when a new party (or run) comes to this process.
+@functools.lru_cache(maxsize=64)
+def _party_share(
+    dataset: str, data_dir: str | None, num_parties: int, split: str, split_seed: int, partition: int
+) -> PartyData:
+    pixels, labels = _train_pixels(dataset, data_dir)
     if pixels.shape[1] != 1:
         raise ValueError("the federated GAN's networks take single-channel images")
-    share = party_indices(labels, request.num_parties, request.split, request.split_seed)[request.partition]
+    share = party_indices(labels, num_parties, split, split_seed)[partition]
     return PartyData(pixels[share], labels[share])
 
 
-def _seeded(build, seed: int):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # public initialisation; the global RNG stays as it was
-        return build()
-
-
 def new_critic(config: FedGANConfig, num_classes: int, seed: int) -> ConditionalCritic:
-    return _seeded(lambda: ConditionalCritic(num_classes, config.critic_width), seed)
+    with public_seed(seed):
+        return ConditionalCritic(num_classes, config.critic_width)
 
 
 def new_generator(config: FedGANConfig, num_classes: int, seed: int) -> ConditionalGenerator:
-    return _seeded(lambda: ConditionalGenerator(config.latent_dim, num_classes, config.generator_width), seed)
+    with public_seed(seed):
+        return ConditionalGenerator(config.latent_dim, num_classes, config.generator_width)
 
 
 def adam(net: torch.nn.Module, lr: float, config: FedGANConfig) -> torch.optim.Adam:

@@ -60,7 +60,7 @@ from fedpsg.methods.base import Method, PartyStage, Release
 from fedpsg.models import available_models, build_model
 from fedpsg.privacy import ACCOUNTANTS, PrivacyRecord, gaussian_mechanism, private_record
 from fedpsg.progress import Progress
-from fedpsg.secret import SecretRandomness
+from fedpsg.secret import SecretRandomness, public_seed
 from fedpsg.synthetic import SyntheticSet
 
 __all__ = [
@@ -295,8 +295,7 @@ def _features(
 
 
 def _fresh_network(config: DPDMConfig, spec: DatasetSpec, seed: int, iteration: int) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 100_003 + iteration)
+    with public_seed(seed * 100_003 + iteration):
         net = build_model(config.model, spec.channels, spec.num_classes, spec.image_size, config.width, config.depth)
     return net.requires_grad_(False)
 
@@ -343,8 +342,7 @@ def generate_dpdm_set(
     check_examples_independent(first)
     dim = _embedding_dim(first, spec)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with public_seed(seed):
         syn_images = torch.randn(len(classes) * config.spc, spec.channels, *spec.image_size).to(device)
     syn_images.requires_grad_(True)
     syn_labels = torch.tensor(classes, device=device).repeat_interleave(config.spc)

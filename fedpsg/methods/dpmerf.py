@@ -24,7 +24,7 @@ from fedpsg.evaluation import EvalConfig
 from fedpsg.methods.base import Method, PartyStage, Release
 from fedpsg.privacy import PrivacyRecord, gaussian_mechanism, private_record, validate_budget
 from fedpsg.progress import Progress
-from fedpsg.secret import SecretRandomness, secret_generator
+from fedpsg.secret import SecretRandomness, public_seed, secret_generator
 
 EXAMPLE_ADJACENCIES = ("add-remove", "replace-one")  # the neighbourhoods its sensitivity is derived for
 
@@ -257,8 +257,7 @@ def train_generator(
     num_classes = noisy_emb.shape[1]
     target = noisy_emb.to(device)
     frequencies = frequencies.to(device)
-    with torch.random.fork_rng(devices=_cuda_indices(device)):
-        torch.manual_seed(seed)  # parameter initialisation uses the global RNG; keep that local
+    with public_seed(seed, _cuda_indices(device)):  # parameter initialisation uses the global RNG
         gen = ConditionalGenerator(config.latent_dim, num_classes, config.hidden_dim, image_size=image_size)
     gen.to(device).train()
     rng = torch.Generator(device=device).manual_seed(seed)

@@ -90,7 +90,7 @@ from fedpsg.evaluation import EvalConfig
 from fedpsg.methods.base import Method, PartyStage, Release
 from fedpsg.privacy import ACCOUNTANTS, PrivacyRecord, gaussian_mechanism, private_record, validate_budget
 from fedpsg.progress import Progress
-from fedpsg.secret import SecretRandomness
+from fedpsg.secret import SecretRandomness, public_seed
 
 __all__ = [
     "GSWGAN",
@@ -417,8 +417,7 @@ class _Trainer:
         self.public = torch.Generator(device=device).manual_seed(seed)  # codes, labels, GP interpolation
 
     def new_generator(self, index: int) -> ConditionalGenerator:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 100_003 + index)  # initialisation is public; keep the global RNG as it was
+        with public_seed(self.seed * 100_003 + index):
             net = ConditionalGenerator(
                 self.config.latent_dim, self.num_classes, self.config.generator_width, self.image_size
             )
@@ -429,8 +428,7 @@ class _Trainer:
         return torch.optim.Adam(net.parameters(), lr=self.config.lr_generator, betas=betas)
 
     def new_critic(self, index: int, subset: torch.Tensor) -> _Critic:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 100_003 + 50_021 + index)
+        with public_seed(self.seed * 100_003 + 50_021 + index):
             net = ConditionalCritic(self.num_classes, self.config.critic_width, self.image_size).to(self.device)
         betas = (self.config.adam_beta1, self.config.adam_beta2)
         return _Critic(net, torch.optim.Adam(net.parameters(), lr=self.config.lr_discriminator, betas=betas), subset)

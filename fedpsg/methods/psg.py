@@ -34,7 +34,7 @@ from fedpsg.methods.base import Method, PartyStage, Release
 from fedpsg.models import INITIALISATIONS, build_model
 from fedpsg.privacy import PrivacyRecord, private_record
 from fedpsg.progress import Progress
-from fedpsg.secret import SecretRandomness
+from fedpsg.secret import SecretRandomness, public_seed
 from fedpsg.synthetic import SyntheticSet
 
 
@@ -118,8 +118,7 @@ def generate_private_set(
     secret = secret or SecretRandomness.fresh(device)
     real_images, real_labels = data.images.to(device), data.labels.to(device)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with public_seed(seed):
         syn_images = torch.randn(len(classes) * config.spc, spec.channels, *spec.image_size).to(device)
     syn_images.requires_grad_(True)
     syn_labels = torch.tensor(classes, device=device).repeat_interleave(config.spc)
