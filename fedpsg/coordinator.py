@@ -58,23 +58,29 @@ class Parties(Protocol):
         """Run one stage on ``request.partition``; raise PartyUnavailable / PartyError."""
 
 
-def check_resumable(settings: RunSettings) -> bool:
-    """True if ``settings.out`` holds a run to resume; raise if it holds a different run.
-
-    Settings must match except for methods: only the methods both runs have must agree.
-    """
-    config_path = settings.out / "config.json"
+def stored_run(out: Path, wanted: dict) -> dict | None:
+    """The identity stored in ``out/config.json`` (None if there is no run there); raises if it
+    is a different run. Settings must match, except that under ``methods`` only the methods
+    both runs have must agree (a run can be resumed with methods added)."""
+    config_path = out / "config.json"
     if not config_path.exists():
-        return False
-    found, wanted = json.loads(config_path.read_text()), settings.identity()
+        return None
+    found = json.loads(config_path.read_text())
     changed = sorted(k for k in wanted if k != "methods" and found.get(k) != wanted.get(k))
     found_methods = found.get("methods", {})
-    changed += sorted(m for m, values in wanted["methods"].items() if m in found_methods and found_methods[m] != values)
+    changed += sorted(
+        m for m, values in wanted.get("methods", {}).items() if m in found_methods and found_methods[m] != values
+    )
     if changed:
         raise ResumeMismatchError(
-            f"{settings.out} holds a run with different settings ({', '.join(changed)}); use another --out or delete it"
+            f"{out} holds a run with different settings ({', '.join(changed)}); use another --out or delete it"
         )
-    return True
+    return found
+
+
+def check_resumable(settings: RunSettings) -> bool:
+    """True if ``settings.out`` holds a run to resume; raise if it holds a different run."""
+    return stored_run(settings.out, settings.identity()) is not None
 
 
 class Coordinator:
@@ -176,10 +182,10 @@ class Coordinator:
 
     def _check_or_write_config(self) -> None:
         identity = self.settings.identity()
-        if check_resumable(self.settings):
+        found = stored_run(self.out, identity)
+        if found is not None:
             log.info("resuming the run in %s", self.out)
-            earlier = json.loads((self.out / "config.json").read_text())["methods"]
-            identity["methods"] = {**earlier, **identity["methods"]}
+            identity["methods"] = {**found["methods"], **identity["methods"]}
         self.out.mkdir(parents=True, exist_ok=True)
         write_text_atomically(self.out / "config.json", json.dumps(identity, indent=2))
 

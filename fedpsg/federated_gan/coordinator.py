@@ -39,7 +39,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import RecordDict  # noqa: E402
 
-from fedpsg.coordinator import PartyError, PartyUnavailable, ResumeMismatchError, run_log  # noqa: E402
+from fedpsg.coordinator import PartyError, PartyUnavailable, run_log, stored_run  # noqa: E402
 from fedpsg.data import ImageSet, dataset_spec, load_images  # noqa: E402
 from fedpsg.evaluation import evaluate_training_set  # noqa: E402
 from fedpsg.federated_gan.config import FedGANSettings, round_parties  # noqa: E402
@@ -191,17 +191,10 @@ class FedGANRun:
         self._check_or_write_config()
 
     def _check_or_write_config(self) -> None:
-        path = self.out / "config.json"
         wanted = self.settings.identity()
-        if path.exists():
-            found = json.loads(path.read_text())
-            changed = sorted(k for k in wanted if found.get(k) != wanted[k])
-            if changed:
-                raise ResumeMismatchError(
-                    f"{self.out} holds a run with different settings ({', '.join(changed)}); use another --out"
-                )
+        stored_run(self.out, wanted)  # raises if the folder holds a run with other settings
         self.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(path, json.dumps(wanted, indent=2))
+        write_text_atomically(self.out / "config.json", json.dumps(wanted, indent=2))
 
     def _checkpoint_path(self, method: str) -> Path:
         return self.out / "checkpoints" / f"{method}.pt"
