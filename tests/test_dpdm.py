@@ -6,20 +6,18 @@ from dataclasses import replace
 import pytest
 import torch
 
+from fedpsg.augment import DSA_OPERATIONS, SiameseAugmentation, dsa_operations, sample_augmentation
 from fedpsg.data import ImageSet, dataset_spec, load_images
 from fedpsg.evaluation import EvalConfig, evaluate_training_set
 from fedpsg.methods import dpdm
 from fedpsg.methods.dpdm import (
     DPDM_PRESETS,
     DPDMConfig,
-    SiameseAugmentation,
     clip_embeddings,
-    dsa_operations,
     embed,
     generate_dpdm_set,
     poisson_indices,
     privacy_of,
-    sample_augmentation,
 )
 from fedpsg.models import build_model
 from fedpsg.privacy import private_record
@@ -181,7 +179,7 @@ def test_siamese_augmentation_is_one_differentiable_transformation_for_all_image
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(6, 1, 28, 28, generator=generator)
     assert "flip" not in dsa_operations(MNIST) and "flip" in dsa_operations(dataset_spec("fmnist"))
-    for op in dpdm.DSA_OPERATIONS:
+    for op in DSA_OPERATIONS:
         augment = sample_augmentation((op,), (28, 28), generator)
         assert augment.operation == op
         out = augment(images)

@@ -128,3 +128,35 @@ def test_earlier_sets_change_the_released_set_but_not_the_privacy_cost(mnist_56)
     ]
     assert not torch.equal(pinned[0].images, pinned[1].images)  # the inner network saw other classes
     assert pinned[0].privacy == pinned[1].privacy
+
+
+def test_dsa_applies_one_augmentation_per_dp_step_to_the_real_batch_and_the_set_alike(mnist_56, monkeypatch):
+    from fedpsg.augment import SiameseAugmentation
+    from fedpsg.methods import psg
+
+    drawn, applied = [], []
+
+    class Recording(SiameseAugmentation):
+        def __call__(self, images):
+            applied.append((self, images.shape[0], images.requires_grad))
+            return super().__call__(images)
+
+    def sample(operations, image_size, generator):
+        augmentation = Recording("crop", (1.0, -1.0))
+        drawn.append(augmentation)
+        return augmentation
+
+    monkeypatch.setattr(psg, "sample_augmentation", sample)
+    train = mnist_56[0]
+    synthetic = run(train, config=replace(SMALL, augment=True), secret=SecretRandomness.fixed(1))
+    steps = SMALL.iterations * SMALL.outer_loop * SMALL.batch_loop
+    assert len(drawn) == steps and len(applied) == 2 * steps
+    for step, augmentation in enumerate(drawn):
+        (real_aug, _, real_grad), (syn_aug, syn_n, syn_grad) = applied[2 * step : 2 * step + 2]
+        # the same draw on both sides (Siamese), and the synthetic side stays differentiable
+        assert real_aug is augmentation and syn_aug is augmentation
+        assert syn_n == 2 * SMALL.spc and syn_grad and not real_grad
+    # The augmentation changes what is matched, not what is accounted.
+    plain = run(train, config=SMALL, secret=SecretRandomness.fixed(1))
+    assert not torch.allclose(synthetic.images, plain.images)
+    assert synthetic.privacy == plain.privacy

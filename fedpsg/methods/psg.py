@@ -26,6 +26,7 @@ import torch
 from torch.autograd.profiler import record_function
 from torch.nn import functional as F
 
+from fedpsg.augment import dsa_operations, sample_augmentation
 from fedpsg.data import DatasetSpec, ImageSet
 from fedpsg.dp_gradient import private_gradient
 from fedpsg.evaluation import SMALL_SET_EVALUATION
@@ -58,6 +59,10 @@ class PSGConfig:
     # the party holds (earlier stages' DP sets, its own, N(0,1) placeholders for classes not yet
     # seen), not only on its own set; off = train on its own set only.
     inner_on_all_sets: bool = True
+    # DSA during matching (the authors' ``--method DSA``): each DP step draws one public Siamese
+    # augmentation and applies it to the real batch and the synthetic set alike. Every example
+    # is still clipped on its own, so the DP analysis is unchanged.
+    augment: bool = False
     accountant: str = "rdp"
 
     @property
@@ -124,10 +129,11 @@ def generate_private_set(
     syn_labels = torch.tensor(classes, device=device).repeat_interleave(config.spc)
     image_optimizer = torch.optim.SGD([syn_images], lr=config.lr_images, momentum=config.momentum_images)
     others = inner_training_set(classes, spec, config, earlier, seed) if config.inner_on_all_sets else None
+    operations = dsa_operations(spec)
+    augmentation_rng = torch.Generator().manual_seed(seed * 100_003 + 99_991)  # public
 
     for run in range(config.iterations):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 100_003 + run)
+        with public_seed(seed * 100_003 + run):
             net = build_model(
                 config.model,
                 spec.channels,
@@ -141,9 +147,11 @@ def generate_private_set(
         net_optimizer = torch.optim.SGD(params, lr=config.lr_net)
         for outer in range(config.outer_loop):
             for _ in range(config.batch_loop):
+                augment = sample_augmentation(operations, spec.image_size, augmentation_rng) if config.augment else None
                 with record_function("psg.dp_real_gradient"):
                     batch = poisson_batch(n, sample_rate, secret.sampling).to(device)
                     x, y = real_images[batch], real_labels[batch]
+                    x = augment(x) if augment is not None else x
                     if private:
                         real_grads = private_gradient(
                             net,
@@ -157,7 +165,8 @@ def generate_private_set(
                     else:
                         real_grads = _plain_gradient(net, x, y) if len(y) else [torch.zeros_like(p) for p in params]
                 with record_function("psg.synthetic_step"):
-                    syn_loss = F.cross_entropy(net(syn_images), syn_labels)
+                    syn_batch = augment(syn_images) if augment is not None else syn_images
+                    syn_loss = F.cross_entropy(net(syn_batch), syn_labels)
                     syn_grads = torch.autograd.grad(syn_loss, params, create_graph=True)
                     distance = matching_distance(real_grads, list(syn_grads))
                     image_optimizer.zero_grad(set_to_none=True)
