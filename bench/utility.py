@@ -113,26 +113,32 @@ def run_point(
     }
 
 
-def _evaluation_overrides(overrides: str) -> str:
-    return " ".join(item for item in overrides.split() if item.split(".")[0] == "evaluation")
+# The setting each method's curve runs along; points that differ in anything else are other curves.
+BUDGET_SETTING = {"psg": "psg.iterations", "dpdm": "dpdm.iterations", "dpmerf": "dpmerf.generator_steps"}
+
+
+def _series(method: str, overrides: str) -> str:
+    """The point's settings other than the method's budget setting (empty for the plain curve)."""
+    budget = BUDGET_SETTING.get(method)
+    return " ".join(item for item in overrides.split() if item.split("=")[0] != budget)
 
 
 def plot(rows: list[dict], path: Path) -> None:
     panels = sorted({(r["dataset"], r["eps"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (dataset, eps) in zip(axes[0], panels):
-        # One curve per method and evaluation protocol: a point evaluated differently (an
-        # ``evaluation.`` override) is not on the same accuracy scale as the method's curve.
-        for method, protocol in sorted({(r["method"], _evaluation_overrides(r["overrides"])) for r in rows}):
+        # One curve per method along its budget setting; a point with other settings changed
+        # (another image step, DSA, another evaluation...) is its own series, not a step of the curve.
+        for method, series in sorted({(r["method"], _series(r["method"], r["overrides"])) for r in rows}):
             points = sorted(
                 (r["generation_seconds"], r["accuracy"])
                 for r in rows
-                if (r["dataset"], r["eps"], r["method"], _evaluation_overrides(r["overrides"]))
-                == (dataset, eps, method, protocol)
+                if (r["dataset"], r["eps"], r["method"], _series(r["method"], r["overrides"]))
+                == (dataset, eps, method, series)
             )
             if points:
-                label = get_method(method).label + (f" [{protocol}]" if protocol else "")
-                ax.plot(*zip(*points), marker="o" if not protocol else "s", label=label)
+                label = get_method(method).label + (f" [{series}]" if series else "")
+                ax.plot(*zip(*points), marker="s" if series else "o", label=label)
         for name, value in PUBLISHED.get((dataset, eps), {}).items():
             ax.axhline(value, linestyle="--", linewidth=1, color="grey")
             ax.text(0.01, value, name, fontsize=7, color="grey", va="bottom", transform=ax.get_yaxis_transform())
