@@ -85,12 +85,19 @@ class GridParties:
             Message(content, dst_node_id=self.nodes[p], message_type=message_type, group_id=group, ttl=timeout)
             for p, content in requests.items()
         ]
-        partition_of = {self.nodes[p]: p for p in requests}
         results: dict[int, RecordDict | PartyError] = {
             p: PartyUnavailable(f"no reply within {timeout:.0f} s") for p in requests
         }
-        for reply in self.grid.send_and_receive(messages, timeout=timeout):
-            partition = partition_of[reply.metadata.src_node_id]
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        # An error the SuperLink makes for a node that went away comes from the SuperLink (node 0),
+        # not from the party's node: match replies to what they answer, by message id (set on push).
+        by_message = {m.metadata.message_id: p for p, m in zip(requests, messages) if m.metadata.message_id}
+        by_node = {self.nodes[p]: p for p in requests}
+        for reply in replies:
+            partition = by_message.get(reply.metadata.reply_to_message_id, by_node.get(reply.metadata.src_node_id))
+            if partition is None:
+                log.warning("a reply to no message of this exchange was dropped: %s", reply.metadata)
+                continue
             if reply.has_error():
                 kind = PartyUnavailable if reply.error.code in RETRYABLE_ERRORS else PartyError
                 results[partition] = kind(f"the party failed: {reply.error.reason}")
