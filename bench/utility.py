@@ -22,6 +22,7 @@ import csv
 import os
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -124,21 +125,20 @@ def _series(method: str, overrides: str) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    panels = sorted({(r["dataset"], r["eps"]) for r in rows})
+    # One curve per method along its budget setting; a point with other settings changed
+    # (another image step, DSA, another evaluation...) is its own series, not a step of the curve.
+    curves: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+    for r in rows:
+        key = (r["dataset"], r["eps"], r["method"], _series(r["method"], r["overrides"]))
+        curves[key].append((r["generation_seconds"], r["accuracy"]))
+    panels = sorted({(dataset, eps) for dataset, eps, _, _ in curves})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (dataset, eps) in zip(axes[0], panels):
-        # One curve per method along its budget setting; a point with other settings changed
-        # (another image step, DSA, another evaluation...) is its own series, not a step of the curve.
-        for method, series in sorted({(r["method"], _series(r["method"], r["overrides"])) for r in rows}):
-            points = sorted(
-                (r["generation_seconds"], r["accuracy"])
-                for r in rows
-                if (r["dataset"], r["eps"], r["method"], _series(r["method"], r["overrides"]))
-                == (dataset, eps, method, series)
-            )
-            if points:
+    for ax, panel in zip(axes[0], panels):
+        dataset, eps = panel
+        for (curve_dataset, curve_eps, method, series), points in sorted(curves.items()):
+            if (curve_dataset, curve_eps) == panel:
                 label = get_method(method).label + (f" [{series}]" if series else "")
-                ax.plot(*zip(*points), marker="s" if series else "o", label=label)
+                ax.plot(*zip(*sorted(points)), marker="s" if series else "o", label=label)
         for name, value in PUBLISHED.get((dataset, eps), {}).items():
             ax.axhline(value, linestyle="--", linewidth=1, color="grey")
             ax.text(0.01, value, name, fontsize=7, color="grey", va="bottom", transform=ax.get_yaxis_transform())

@@ -147,3 +147,17 @@ def sample_augmentation(
     else:
         raise ValueError(f"unknown DSA operation {op!r}; available: {', '.join(DSA_OPERATIONS)}")
     return SiameseAugmentation(op, values)
+
+
+class AugmentationSampler:
+    """The public stream of DSA draws for one generation run: the dataset's operations, and a
+    generator seeded from the run's public seed (never the party's secret; augmentation is public)."""
+
+    def __init__(self, spec: DatasetSpec, seed: int) -> None:
+        self.operations = dsa_operations(spec)
+        self.image_size = spec.image_size
+        self._generator = torch.Generator().manual_seed(seed * 100_003 + 99_991)
+
+    def __call__(self) -> SiameseAugmentation:
+        """The next draw: one operation and its parameters."""
+        return sample_augmentation(self.operations, self.image_size, self._generator)

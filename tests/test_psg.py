@@ -131,8 +131,7 @@ def test_earlier_sets_change_the_released_set_but_not_the_privacy_cost(mnist_56)
 
 
 def test_dsa_applies_one_augmentation_per_dp_step_to_the_real_batch_and_the_set_alike(mnist_56, monkeypatch):
-    from fedpsg.augment import SiameseAugmentation
-    from fedpsg.methods import psg
+    from fedpsg.augment import AugmentationSampler, SiameseAugmentation
 
     drawn, applied = [], []
 
@@ -141,12 +140,12 @@ def test_dsa_applies_one_augmentation_per_dp_step_to_the_real_batch_and_the_set_
             applied.append((self, images.shape[0], images.requires_grad))
             return super().__call__(images)
 
-    def sample(operations, image_size, generator):
+    def sample(sampler):
         augmentation = Recording("crop", (1.0, -1.0))
         drawn.append(augmentation)
         return augmentation
 
-    monkeypatch.setattr(psg, "sample_augmentation", sample)
+    monkeypatch.setattr(AugmentationSampler, "__call__", sample)
     train = mnist_56[0]
     synthetic = run(train, config=replace(SMALL, augment=True), secret=SecretRandomness.fixed(1))
     steps = SMALL.iterations * SMALL.outer_loop * SMALL.batch_loop

@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from fedpsg.augment import SiameseAugmentation, dsa_operations, sample_augmentation
+from fedpsg.augment import AugmentationSampler, SiameseAugmentation
 from fedpsg.data import DatasetSpec, ImageSet
 from fedpsg.dp_gradient import check_examples_independent
 from fedpsg.evaluation import SMALL_SET_EVALUATION
@@ -239,8 +239,7 @@ def generate_dpdm_set(
     secret = secret or SecretRandomness.fresh(device)
     per_class = [data.images[data.labels == c].to(device) for c in classes]
     expected = [q * n for n in sizes]  # divisor of the noisy sum: fixed, so sensitivity is C / (q N_c)
-    operations = dsa_operations(spec)
-    augmentation_rng = torch.Generator().manual_seed(seed * 100_003 + 99_991)
+    augmentations = AugmentationSampler(spec, seed) if config.augment else None
     first = _fresh_network(config, spec, seed, 0)
     check_examples_independent(first)
     dim = _embedding_dim(first, spec)
@@ -253,7 +252,7 @@ def generate_dpdm_set(
 
     for iteration in range(config.iterations):
         net = _fresh_network(config, spec, seed, iteration).to(device, memory_format=torch.channels_last)
-        augment = sample_augmentation(operations, spec.image_size, augmentation_rng) if config.augment else None
+        augment = augmentations() if augmentations else None
 
         # Private side: forward passes only, no gradients. One Gaussian release per class and
         # iteration, whether its Poisson batch is empty or not.

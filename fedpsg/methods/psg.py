@@ -26,7 +26,7 @@ import torch
 from torch.autograd.profiler import record_function
 from torch.nn import functional as F
 
-from fedpsg.augment import dsa_operations, sample_augmentation
+from fedpsg.augment import AugmentationSampler
 from fedpsg.data import DatasetSpec, ImageSet
 from fedpsg.dp_gradient import private_gradient
 from fedpsg.evaluation import SMALL_SET_EVALUATION
@@ -129,8 +129,7 @@ def generate_private_set(
     syn_labels = torch.tensor(classes, device=device).repeat_interleave(config.spc)
     image_optimizer = torch.optim.SGD([syn_images], lr=config.lr_images, momentum=config.momentum_images)
     others = inner_training_set(classes, spec, config, earlier, seed) if config.inner_on_all_sets else None
-    operations = dsa_operations(spec)
-    augmentation_rng = torch.Generator().manual_seed(seed * 100_003 + 99_991)  # public
+    augmentations = AugmentationSampler(spec, seed) if config.augment else None
 
     for run in range(config.iterations):
         with public_seed(seed * 100_003 + run):
@@ -147,7 +146,7 @@ def generate_private_set(
         net_optimizer = torch.optim.SGD(params, lr=config.lr_net)
         for outer in range(config.outer_loop):
             for _ in range(config.batch_loop):
-                augment = sample_augmentation(operations, spec.image_size, augmentation_rng) if config.augment else None
+                augment = augmentations() if augmentations else None
                 with record_function("psg.dp_real_gradient"):
                     batch = poisson_batch(n, sample_rate, secret.sampling).to(device)
                     x, y = real_images[batch], real_labels[batch]
