@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fedpsg.augment import DSA_OPERATIONS, SiameseAugmentation, dsa_operations, sample_augmentation
+from fedpsg.augment import DSA_OPERATIONS, AugmentationSampler, SiameseAugmentation, dsa_operations, sample_augmentation
 from fedpsg.data import ImageSet, dataset_spec, load_images
 from fedpsg.evaluation import EvalConfig, evaluate_training_set
 from fedpsg.methods import dpdm
@@ -188,11 +188,12 @@ def test_siamese_augmentation_is_one_differentiable_transformation_for_all_image
         synthetic = images[:3].clone().requires_grad_(True)
         augment(synthetic).sum().backward()
         assert synthetic.grad is not None and torch.isfinite(synthetic.grad).all()
-    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    ops = dsa_operations(MNIST)
-    assert [sample_augmentation(ops, (28, 28), a) for _ in range(20)] == [
-        sample_augmentation(ops, (28, 28), b) for _ in range(20)
-    ]
+    # The draws are public: the same seed gives the same stream, another seed another one,
+    # and digits are never flipped.
+    a, b, c = AugmentationSampler(MNIST, 3), AugmentationSampler(MNIST, 3), AugmentationSampler(MNIST, 4)
+    draws = [a() for _ in range(50)]
+    assert draws == [b() for _ in range(50)] and draws != [c() for _ in range(50)]
+    assert {d.operation for d in draws} == set(dsa_operations(MNIST))
     assert SiameseAugmentation("crop", (0.0, 0.0))(images).equal(images)
 
 
