@@ -30,6 +30,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 from fedpsg.config import method_settings, parse_overrides, split_sections  # noqa: E402
 from fedpsg.data import ImageSet, dataset_spec, load_images  # noqa: E402
@@ -132,18 +133,24 @@ def plot(rows: list[dict], path: Path) -> None:
         key = (r["dataset"], r["eps"], r["method"], _series(r["method"], r["overrides"]))
         curves[key].append((r["generation_seconds"], r["accuracy"]))
     panels = sorted({(dataset, eps) for dataset, eps, _, _ in curves})
+    # A method keeps its colour in every panel; its other series differ by marker.
+    colours = {m: f"C{i}" for i, m in enumerate(sorted({m for _, _, m, _ in curves}))}
+    markers = {s: "o" if not s else "s^Dv<>"[i % 6] for i, s in enumerate(sorted({s for *_, s in curves}))}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         dataset, eps = panel
         for (curve_dataset, curve_eps, method, series), points in sorted(curves.items()):
             if (curve_dataset, curve_eps) == panel:
                 label = get_method(method).label + (f" [{series}]" if series else "")
-                ax.plot(*zip(*sorted(points)), marker="s" if series else "o", label=label)
+                ax.plot(*zip(*sorted(points)), color=colours[method], marker=markers[series], label=label)
         for name, value in PUBLISHED.get((dataset, eps), {}).items():
             ax.axhline(value, linestyle="--", linewidth=1, color="grey")
             ax.text(0.01, value, name, fontsize=7, color="grey", va="bottom", transform=ax.get_yaxis_transform())
         ax.set_title(f"{dataset}, eps={eps:g}, all 10 classes, 10/class")
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("generation wall time on this machine (s, log scale)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
