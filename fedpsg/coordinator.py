@@ -149,7 +149,6 @@ class Coordinator:
     def _send_with_retries(self, parties: Parties, request: TrainRequest) -> StageReply:
         """Send a stage; if its party vanishes, wait (bounded) for it to come back and re-send."""
         settings = self.settings
-        where = f"stage {request.stage} ({request.method}, partition {request.partition})"
         for attempt in range(settings.stage_retries + 1):
             try:
                 return parties.send(request, settings.stage_timeout)
@@ -163,7 +162,7 @@ class Coordinator:
             try:
                 parties.discover([request.partition], settings.reconnect_timeout)
             except PartyUnavailable as err:
-                raise PartyError(f"{where}: the party did not come back ({err})") from err
+                raise PartyError(f"{request.where}: the party did not come back ({err})") from err
             log.info("partition %d is back: retrying stage %d", request.partition, request.stage)
         raise AssertionError("unreachable")
 

@@ -35,6 +35,11 @@ class TrainRequest:
     # releases already, so they may travel with the model.
     earlier: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def where(self) -> str:
+        """Names the stage in log lines and errors."""
+        return f"stage {self.stage} ({self.method}, partition {self.partition})"
+
 
 def encode_train_request(request: TrainRequest) -> RecordDict:
     config = {

@@ -73,8 +73,7 @@ class GridParties:
         result = self.exchange({request.partition: encode_train_request(request)}, "train", group, timeout)
         reply = result[request.partition]
         if isinstance(reply, PartyError):
-            where = f"stage {request.stage} ({request.method}, partition {request.partition})"
-            raise type(reply)(f"{where}: {reply}")
+            raise type(reply)(f"{request.where}: {reply}")
         return decode_reply(reply)
 
     def exchange(

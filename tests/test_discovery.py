@@ -1,11 +1,13 @@
 """The ServerApp finds its parties (discovery survives a whoami that fails or expires) and charges
 each reply, errors the SuperLink makes included, to the right party."""
 
+import pytest
 from flwr.app import Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
 from fedpsg.coordinator import PartyUnavailable
+from fedpsg.protocol import TrainRequest
 from server.app import GridParties
 from tests.inprocess import InProcessGrid, patch_task_identity
 
@@ -61,3 +63,12 @@ def test_the_superlinks_error_for_a_gone_node_is_charged_to_that_party(monkeypat
     assert isinstance(results[1], PartyUnavailable)  # retryable: the node may come back
     for partition in (0, 2):
         assert int(results[partition].config_records["party"]["partition-id"]) == partition
+
+
+def test_a_stage_sent_to_a_gone_node_is_retryable_and_names_the_stage(monkeypatch, data_dir):
+    patch_task_identity(monkeypatch)
+    parties = GridParties(NodeGoneGrid(data_dir), poll=0.01)
+    parties.nodes = {1: 1001}
+    request = TrainRequest("psg", 3, 1, "fmnist", [1, 2], 10.0, 1e-5, 0, {}, {}, {"model": "convnet"})
+    with pytest.raises(PartyUnavailable, match=r"^stage 3 \(psg, partition 1\): the party failed"):
+        parties.send(request, timeout=5.0)
