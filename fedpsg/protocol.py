@@ -37,7 +37,7 @@ class TrainRequest:
 
     @property
     def where(self) -> str:
-        """Names the stage in log lines and errors."""
+        """Names the stage in the coordinator's and the ServerApp's errors."""
         return f"stage {self.stage} ({self.method}, partition {self.partition})"
 
 

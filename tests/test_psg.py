@@ -97,11 +97,11 @@ def test_bad_configs_rejected(mnist_56):
 
 def test_tiny_profile_beats_chance_by_far_on_real_mnist(mnist_56):
     # A pinned secret: over nine other secrets the mean of the two classifiers ranged 0.73-0.86
-    # (a CI run failed a 0.75 bar); this one gives 0.82, and images that never move give 0.50.
+    # (a CI run failed this bar at 0.731); this one gives 0.82, and images that never move give 0.50.
     train, test = mnist_56
     synthetic = run(train, config=TINY, secret=SecretRandomness.fixed(0))
     evaluation = evaluate_training_set(synthetic.as_image_set(), test, dataset_spec("mnist"), TINY_EVAL)
-    assert evaluation.mean > 0.7  # chance is 0.5
+    assert evaluation.mean > 0.75  # chance is 0.5
 
 
 def test_inner_training_set_holds_earlier_sets_and_placeholders_for_unseen_classes():
