@@ -8,7 +8,9 @@ images are to the party's training images against equally many held-out test ima
 (:mod:`fedpsg.memorisation`). The second runs one party's method with canaries and turns the
 canaries' scores into an empirical lower bound on epsilon (:mod:`fedpsg.canary_audit`), next to
 two positive controls (non-private, and noise removed) that show whether the audit can catch a
-leak at all. Both write ``audit.json``, ``audit.md`` and pictures (``RUN_DIR/audit`` or ``--out``).
+leak at all. Both write ``audit.json``, ``audit.md`` and pictures (``--out``; default the sibling
+``RUN_DIR.private-audit`` or ``runs/audit-...``). These hold raw training images and non-DP
+distances, so never inside the run folder, whose contents are DP outputs and may be shared.
 """
 
 from __future__ import annotations
@@ -55,12 +57,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_common_arguments(parser)
     parser.add_argument(
-        "--out", type=Path, default=None, help="output folder (default RUN_DIR/audit or runs/audit-...)"
-    )
+        "--out", type=Path, default=None,
+        help="output folder, outside RUN_DIR (default RUN_DIR.private-audit or runs/audit-...); holds private data",
+    )  # fmt: skip
     return parser
 
 
+PRIVATE_MARKER = "README.txt"
+PRIVATE_NOTICE = (
+    "PRIVATE - DO NOT SHARE. This folder holds raw private training images (the nearest-neighbour\n"
+    "pictures) and non-DP distances to them. Unlike a run folder, it is not DP output: keep it with\n"
+    "the data's owner, and do not copy it into a run folder or publish it.\n"
+)
+
+
 # ----- RUN_DIR: memorisation of every released set ----------------------------------------------
+def private_audit_dir(run_dir: Path) -> Path:
+    """The default output of a run folder's audit: a sibling, since everything inside the run folder is DP output."""
+    run_dir = run_dir.resolve()
+    return run_dir.with_name(run_dir.name + ".private-audit")
+
+
 def audit_run_folder(run_dir: Path, data_dir: str | None, out: Path) -> dict:
     config = json.loads((run_dir / "config.json").read_text())
     scenario = config["scenario"]
@@ -195,10 +212,12 @@ def _canary_markdown(report: dict) -> str:
 
 def _write(out: Path, report: dict, markdown: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    (out / PRIVATE_MARKER).write_text(PRIVATE_NOTICE)
     (out / "audit.json").write_text(json.dumps(strict_json(report), indent=2, default=str, allow_nan=False))
     (out / "audit.md").write_text(markdown)
     print(markdown)
     print(f"wrote {out}/audit.json, audit.md and pictures")
+    print(f"PRIVATE: {out} holds raw training images and non-DP distances; do not share it (see {PRIVATE_MARKER})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,10 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give either RUN_DIR (a finished run) or --method (a fresh audited run)")
     if args.run_dir is not None and not (args.run_dir / "config.json").exists():
         parser.error(f"{args.run_dir} is not a run folder (no config.json)")
+    if args.run_dir is not None and args.out is not None and args.out.resolve().is_relative_to(args.run_dir.resolve()):
+        parser.error(f"--out {args.out} is inside the run folder, whose contents count as DP output: choose another")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         if args.run_dir is not None:
-            audit_run_folder(args.run_dir, args.data_dir, args.out or args.run_dir / "audit")
+            audit_run_folder(args.run_dir, args.data_dir, args.out or private_audit_dir(args.run_dir))
         else:
             epsilon = (args.eps or [10.0])[0]
             name = f"audit-{args.method}-{args.dataset}-eps{format_epsilon(epsilon)}"

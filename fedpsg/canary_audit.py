@@ -68,6 +68,8 @@ class Canaries:
 
 def mislabeled_canaries(pool: ImageSet, classes: list[int], count: int, generator: torch.Generator) -> Canaries:
     """``count`` images of ``pool`` outside ``classes``, each given a random label from ``classes``."""
+    if count < 2:
+        raise ValueError(f"a canary audit needs at least 2 canaries (one guessed in, one out), got {count}")
     outside = torch.nonzero(~torch.isin(pool.labels, torch.as_tensor(classes))).flatten()
     if len(outside) < count:
         raise ValueError(f"only {len(outside)} images outside classes {classes} to make {count} canaries")
@@ -124,6 +126,19 @@ def epsilon_lower_bound(guesses: int, correct: int, alpha: float, delta: float =
     return low
 
 
+def guess(score: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The canaries guessed "in" (the k highest scores) and "out" (the k lowest), k about ``fraction * m / 2``.
+
+    k is capped at m // 2: a larger k would guess some canary both in and out.
+    """
+    m = len(score)
+    if m < 2:
+        raise ValueError(f"a canary audit needs at least 2 canaries (one guessed in, one out), got {m}")
+    k = min(m // 2, max(1, round(fraction * m / 2)))
+    order = score.argsort(descending=True)
+    return order[:k], order[m - k :]
+
+
 def bound_from_scores(
     scores: dict[str, torch.Tensor], included: torch.Tensor, delta: float, confidence: float = CONFIDENCE
 ) -> dict:
@@ -133,9 +148,8 @@ def bound_from_scores(
     alpha = (1 - confidence) / len(tries)
     rows = []
     for name, fraction in tries:
-        k = max(1, round(fraction * m / 2))
-        order = scores[name].argsort(descending=True)
-        guessed_in, guessed_out = order[:k], order[m - k :]
+        guessed_in, guessed_out = guess(scores[name], fraction)
+        k = len(guessed_in)
         correct = int(included[guessed_in].sum()) + int((~included[guessed_out]).sum())
         bound = epsilon_lower_bound(2 * k, correct, alpha, delta, m)
         rows.append({"score": name, "guesses": 2 * k, "correct": correct, "epsilon_lower_bound": bound})

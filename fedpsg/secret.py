@@ -34,9 +34,16 @@ def _os_entropy_seed() -> int:
 @contextmanager
 def public_seed(seed: int, cuda_devices: Sequence[int] = ()) -> Iterator[None]:
     """Seed torch's global RNG for a block of *public* randomness (layer initialisation,
-    starting images) and restore it afterwards, so nothing else's draws depend on the seed."""
-    with torch.random.fork_rng(devices=list(cuda_devices)):
-        torch.manual_seed(seed)
+    starting images) and restore it afterwards, so nothing else's draws depend on the seed.
+
+    Seeds exactly what it restores: the CPU generator and those of ``cuda_devices``
+    (``torch.manual_seed`` would also re-seed every other CUDA device, for good).
+    """
+    devices = list(cuda_devices)
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.default_generator.manual_seed(seed)
+        for device in devices:
+            torch.cuda.default_generators[device].manual_seed(seed)  # fork_rng has initialised CUDA
         yield
 
 

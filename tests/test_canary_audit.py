@@ -12,6 +12,7 @@ from fedpsg.canary_audit import (
     binomial_tail,
     bound_from_scores,
     epsilon_lower_bound,
+    guess,
     mislabeled_canaries,
     noise_removed,
     p_value,
@@ -54,6 +55,21 @@ def test_separating_scores_give_a_large_bound_and_random_ones_none():
     assert random["epsilon_lower_bound"] < 0.5
     # Every try is reported and the confidence is split over all of them.
     assert len(random["tries"]) == 5
+
+
+@pytest.mark.parametrize("m", [3, 7, 11])
+def test_no_canary_is_guessed_both_in_and_out(m):
+    # m = 3 mod 4 and fraction 1: round(m / 2) exceeds m // 2.
+    included = torch.arange(m) % 2 == 0
+    score = included.float() + torch.linspace(0, 0.5, m)  # separates in from out perfectly
+    guessed_in, guessed_out = guess(score, 1.0)
+    assert len(guessed_in) == len(guessed_out) == m // 2
+    assert not set(guessed_in.tolist()) & set(guessed_out.tolist())
+    rows = bound_from_scores({"loss": score}, included, delta=0.0)["tries"]
+    assert rows[-1]["guesses"] == 2 * (m // 2)
+    assert all(row["correct"] == row["guesses"] for row in rows)  # a canary guessed both ways is once wrong
+    with pytest.raises(ValueError, match="at least 2 canaries"):
+        bound_from_scores({"loss": score[:1]}, included[:1], delta=0.0)
 
 
 def test_canaries_are_mislabelled_images_of_other_classes():

@@ -56,8 +56,8 @@ def test_fresh_images_are_not_flagged(mnist):
     assert 0.7 < report["median_ratio"] < 1.3
 
 
-def test_run_folder_report_names_the_copying_set(tmp_path, data_dir, mnist):
-    train, _ = mnist
+def _leaky_run(tmp_path, train):
+    """A run folder whose one released set copies training images."""
     run = tmp_path / "run"
     (run / "sets" / "leaky").mkdir(parents=True)
     config = {"scenario": {"dataset": "mnist", "class_order": [5, 6, 1, 2, 0, 8, 9, 3, 4, 7], "classes_per_stage": 2}}
@@ -65,13 +65,34 @@ def test_run_folder_report_names_the_copying_set(tmp_path, data_dir, mnist):
     copies = _per_class(train, 5)
     record = PrivacyRecord(epsilon=10, delta=1e-5, noise_multiplier=1.0, steps=1, sample_rate=1.0, accountant="rdp")
     SyntheticSet(copies.images, copies.labels, "mnist", CLASSES, record).save(run / "sets" / "leaky" / "stage1.pt")
+    return run
 
-    assert audit_main([str(run), "--data-dir", str(data_dir)]) == 0
-    report = json.loads((run / "audit" / "audit.json").read_text())
+
+def test_run_folder_report_names_the_copying_set(tmp_path, data_dir, mnist):
+    run = _leaky_run(tmp_path, mnist[0])
+    out = tmp_path / "chosen"
+    assert audit_main([str(run), "--data-dir", str(data_dir), "--out", str(out)]) == 0
+    report = json.loads((out / "audit.json").read_text())
     (row,) = report["memorisation"]
     assert (row["method"], row["stage"], row["near_copies"]) == ("leaky", 1, 10)
-    assert (run / "audit" / row["picture"]).stat().st_size > 0
-    assert "| leaky | 1 | 10 |" in (run / "audit" / "audit.md").read_text()
+    assert (out / row["picture"]).stat().st_size > 0
+    assert "| leaky | 1 | 10 |" in (out / "audit.md").read_text()
+
+
+def test_the_run_folder_audit_keeps_private_data_out_of_the_run_folder(tmp_path, data_dir, mnist, capsys):
+    # The run folder is DP output (shareable); nearest training images and distances are not.
+    run = _leaky_run(tmp_path, mnist[0])
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert audit_main([str(run), "--data-dir", str(data_dir)]) == 0
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    out = tmp_path / "run.private-audit"
+    assert {"audit.json", "audit.md", "README.txt", "leaky-stage1-nearest.png"} <= {p.name for p in out.iterdir()}
+    assert "DO NOT SHARE" in (out / "README.txt").read_text()
+    assert f"PRIVATE: {out}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # nor when asked to
+        audit_main([str(run), "--data-dir", str(data_dir), "--out", str(run / "audit")])
+    assert "inside the run folder" in capsys.readouterr().err
+    assert not (run / "audit").exists()
 
 
 def test_a_folder_without_a_run_is_refused(tmp_path, capsys):
