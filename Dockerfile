@@ -60,6 +60,7 @@ COPY fedpsg ./fedpsg
 COPY clients ./clients
 COPY server ./server
 COPY scenarios ./scenarios
+COPY policies ./policies
 RUN PIP_INDEX_URL="${PIP_INDEX_URL}" pip install --no-deps . \
  && rm -rf build ./*.egg-info \
  && find /app -name __pycache__ -prune -exec rm -rf {} +

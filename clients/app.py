@@ -4,8 +4,13 @@
 - ``train``: run the requested method on the party's own data (``fedpsg.party``) and reply
   with DP outputs only.
 - ``train.fed_gswgan`` / ``train.fedavg_gan``: one round of a federated GAN scenario
-  (``fedpsg.federated_gan.party``); the party's critic and privacy ledger stay in its state
-  folder (node config ``state-dir``, else ``FEDPSG_PARTY_STATE_DIR``).
+  (``fedpsg.federated_gan.party``); the party's critic stays in its folder.
+
+Every request is checked against the party's own policy and charged to its lifetime ledger,
+both in its folder ``<state dir>/party-<partition>`` (state dir: node config ``state-dir``, else
+``FEDPSG_PARTY_STATE_DIR``, else ``~/.fedpsg/party-state``; policy: node config ``policy``, else
+the folder's ``policy.yaml``, else ``FEDPSG_PARTY_POLICY``; see ``fedpsg.policy``). A refused
+request fails with the reason, which the coordinator reports.
 
 The partition comes from the node config (``partition-id``, ``num-partitions``); the data root
 from the node config (``data-dir``) or ``FEDPSG_DATA_DIR``.
@@ -29,6 +34,7 @@ from fedpsg.federated_gan.protocol import (
     encode_model_reply,
 )
 from fedpsg.party import run_stage
+from fedpsg.policy import PartyPolicy, load_policy, party_dir
 from fedpsg.protocol import decode_train_request, encode_reply
 
 app = ClientApp()
@@ -36,6 +42,12 @@ app = ClientApp()
 
 def _partition(context: Context) -> tuple[int, int]:
     return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+
+
+def _home(context: Context) -> tuple[Path, PartyPolicy]:
+    """The party's folder and the policy it reads there (never from the request)."""
+    home = party_dir(_partition(context)[0], context.node_config.get("state-dir") or None)
+    return home, load_policy(context.node_config.get("policy") or None, home)
 
 
 @app.query("whoami")
@@ -51,9 +63,12 @@ def train(msg: Message, context: Context) -> Message:
     # node config torch-threads or FEDPSG_TORCH_THREADS set fewer (a machine shared with other work).
     threads = context.node_config.get("torch-threads") or os.environ.get("FEDPSG_TORCH_THREADS") or os.cpu_count()
     torch.set_num_threads(int(threads or 1))
+    home, policy = _home(context)
     reply = run_stage(
         decode_train_request(msg.content),
         _partition(context)[0],
+        home=home,
+        policy=policy,
         data_dir=context.node_config.get("data-dir") or None,
         device=str(context.node_config.get("device", default_device())),
     )
@@ -70,13 +85,9 @@ def fed_gswgan(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)  # the round's parties run side by side
     request, images, labels = decode_sample_request(msg.content)
     _check_partition(request.partition, context)
-    state_dir = context.node_config.get("state-dir") or None
+    home, policy = _home(context)
     reply = gan_party.answer_samples(
-        request,
-        images,
-        labels,
-        data_dir=context.node_config.get("data-dir") or None,
-        state_dir=Path(state_dir) if state_dir else None,
+        request, images, labels, home=home, policy=policy, data_dir=context.node_config.get("data-dir") or None
     )
     return Message(encode_gradient_reply(reply), reply_to=msg)
 
@@ -86,5 +97,8 @@ def fedavg_gan(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     request, generator, critic = decode_model_request(msg.content)
     _check_partition(request.partition, context)
-    reply = gan_party.answer_models(request, generator, critic, data_dir=context.node_config.get("data-dir") or None)
+    home, policy = _home(context)
+    reply = gan_party.answer_models(
+        request, generator, critic, home=home, policy=policy, data_dir=context.node_config.get("data-dir") or None
+    )
     return Message(encode_model_reply(reply), reply_to=msg)

@@ -24,11 +24,13 @@ from pathlib import Path
 
 from fedpsg.cli import add_run_arguments
 from fedpsg.config import format_epsilon, settings_from_run_config
+from fedpsg.policy import POLICY_ENV, STATE_DIR_ENV
 
 log = logging.getLogger("fedpsg.deploy")
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONNECTION = "local-deployment"
+DEMO_POLICY = REPO / "policies" / "demo.yaml"
 
 
 def superlink_command(
@@ -138,6 +140,10 @@ class LocalDeployment:
             "FLWR_HOME": str(self.flwr_home),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            # The parties' folders (policy, lifetime ledgers) live with the deployment, as /state does in
+            # compose; a party reads policies/demo.yaml unless it is given its own.
+            STATE_DIR_ENV: str(self.workdir / "parties"),
+            POLICY_ENV: os.environ.get(POLICY_ENV) or str(DEMO_POLICY),
         }
         self.node_ports = {k: free_port() for k in range(self.parties)}
 

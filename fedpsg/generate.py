@@ -5,6 +5,9 @@
 Writes ``<out>/release.pt`` (the synthetic set, or the DP-trained model, with the privacy
 record), ``<out>/synthetic.png`` for a set, and ``<out>/summary.json``; prints the accuracy on
 the real test images of those classes (classifiers trained on the set, or the released model).
+
+The run is a release of the party's data like any other: checked against the policy and charged
+to the lifetime ledger in ``--party-dir`` (default ``<party state dir>/local``) before it starts.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from fedpsg.config import (
 from fedpsg.data import DataNotFoundError, ImageSet, load_images
 from fedpsg.evaluation import Evaluation, accuracy_by_group, evaluate_training_set, new_classifier
 from fedpsg.files import save_atomically
+from fedpsg.ledger import Ledger
 from fedpsg.methods import PartyStage, method_names
+from fedpsg.party import charged_run
+from fedpsg.policy import Refused, default_state_dir, load_policy
 from fedpsg.synthetic import save_grid
 
 log = logging.getLogger("fedpsg.generate")
@@ -38,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_arguments(parser)
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/generate-...)")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation")
+    parser.add_argument(
+        "--party-dir", type=Path, default=None, help="the party's folder: policy and lifetime ledger (default: local)"
+    )
     return parser
 
 
@@ -55,6 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     default_out = f"generate-{method.name}-{spec.name}-{'-'.join(map(str, classes))}-eps{format_epsilon(epsilon)}"
     out = args.out or Path("runs") / default_out
+    home = args.party_dir or default_state_dir() / "local"
+    what = f"generate {method.name} on classes {classes}"
+    try:
+        policy = load_policy(None, home)
+        policy.check_request(
+            "this party", what, method=method.name, private=True, epsilon=epsilon, delta=delta, dataset=spec.name
+        )
+        policy.check_classes("this party", what, classes)
+    except (ValueError, Refused) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
 
     try:
@@ -77,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
         label=f"{method.name} {spec.name} {classes}",
     )
-    release = method.run(stage, config)
+    try:
+        release = charged_run(method, stage, config, Ledger(home, spec.name), policy, what)
+    except Refused as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     generation_seconds = time.perf_counter() - started
     record = release.privacy
     save_atomically(

@@ -2,13 +2,17 @@
 
 Each request goes through the same encoding as a Flower message and the same party code as the
 ClientApp (``fedpsg.party.run_stage``), so a whole scenario runs in one process: the fastest way
-to try a new method, and what the Flower-free tests use.
+to try a new method, and what the Flower-free tests use. Each party's folder (policy and lifetime
+ledger) is ``<state_dir>/party-<partition>``, as on a SuperNode.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fedpsg.coordinator import PartyError
 from fedpsg.party import run_stage
+from fedpsg.policy import load_policy, party_dir
 from fedpsg.protocol import (
     StageReply,
     TrainRequest,
@@ -20,8 +24,14 @@ from fedpsg.protocol import (
 
 
 class LocalParties:
-    def __init__(self, data_dir: str | None = None, device: str = "cpu", num_partitions: int | None = None) -> None:
-        self.data_dir, self.device, self.num_partitions = data_dir, device, num_partitions
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        device: str = "cpu",
+        num_partitions: int | None = None,
+        state_dir: str | Path | None = None,
+    ) -> None:
+        self.data_dir, self.device, self.num_partitions, self.state_dir = data_dir, device, num_partitions, state_dir
         self.replies: list[StageReply] = []  # every reply, as the coordinator received it
 
     def discover(self, partitions: list[int], timeout: float) -> None:
@@ -30,7 +40,11 @@ class LocalParties:
 
     def send(self, request: TrainRequest, timeout: float) -> StageReply:
         received = decode_train_request(encode_train_request(request))  # as it would travel
-        reply = run_stage(received, received.partition, data_dir=self.data_dir, device=self.device)
+        home = party_dir(received.partition, self.state_dir)
+        policy = load_policy(None, home)
+        reply = run_stage(
+            received, received.partition, home=home, policy=policy, data_dir=self.data_dir, device=self.device
+        )
         reply = decode_reply(encode_reply(reply))
         self.replies.append(reply)
         return reply

@@ -7,6 +7,11 @@ One virtual SuperNode per party; the coordinator (ServerApp) visits them stage b
 Results land in ``--out`` (default ``runs/<scenario>-eps<eps>``): results.csv, summary.json,
 accuracy.png, report.md, grids/, sets/, config.json and run.log. Re-running with the same
 ``--out`` resumes: finished stages are not redone.
+
+The virtual parties live in ``<out>/parties/party-<p>``: each has its own policy (written by the
+simulation: its share of the data, the run's methods, each at most the run's epsilon, a lifetime
+budget of one such run per method) and its own lifetime ledger, which a resumed run continues.
+Non-private requests (eps = inf, fedavg-gan) are refused unless ``--trust-coordinator``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from fedpsg.coordinator import ResumeMismatchError, check_resumable
 from fedpsg.data import DATA_DIR_ENV, DataNotFoundError, load_images
 from fedpsg.federated_gan.config import KIND as FEDERATED_GAN
 from fedpsg.federated_gan.config import FedGANSettings
+from fedpsg.policy import STATE_DIR_ENV
 from fedpsg.scenario import scenario_kind
+from fedpsg.simulated_parties import TRUST_HELP, prepare_parties
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ray-address", default=None, help="run on an existing Ray cluster (e.g. 'auto')")
     parser.add_argument("--party-cpus", type=float, default=1.0, help="Ray CPUs reserved per party")
     parser.add_argument("--party-gpus", type=float, default=None, help="Ray GPUs per party (default: 1 on CUDA)")
+    parser.add_argument("--trust-coordinator", action="store_true", help=TRUST_HELP)
     return parser
 
 
@@ -46,7 +54,11 @@ def _federated_gan_scenario(argv: list[str] | None) -> bool:
 
 
 def simulate(
-    settings: RunSettings | FedGANSettings, ray_address: str | None = None, party_cpus: float = 1.0, party_gpus=None
+    settings: RunSettings | FedGANSettings,
+    ray_address: str | None = None,
+    party_cpus: float = 1.0,
+    party_gpus=None,
+    trust_coordinator: bool = False,
 ) -> None:
     """Run the scenario with ``flwr.simulation.run_simulation`` (Ray backend)."""
     from flwr.simulation import run_simulation
@@ -54,6 +66,8 @@ def simulate(
     from clients.app import app as client_app
     from server.app import make_server_app
 
+    # Parties run in Ray actors: they read their folder (policy, ledger) from the environment.
+    os.environ[STATE_DIR_ENV] = str(prepare_parties(settings, trust_coordinator))
     if settings.data_dir:  # parties run in Ray actors: they read the data root from the environment
         os.environ[DATA_DIR_ENV] = str(os.path.abspath(settings.data_dir))
     gpus = party_gpus if party_gpus is not None else (1.0 if settings.device.startswith("cuda") else 0.0)
@@ -78,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = settings_from_args(args)
         for settings in runs:
             check_resumable(settings)
+            prepare_parties(settings, args.trust_coordinator)
     except (ValueError, ResumeMismatchError) as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -87,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for settings in runs:
-        simulate(settings, args.ray_address, args.party_cpus, args.party_gpus)
+        simulate(settings, args.ray_address, args.party_cpus, args.party_gpus, args.trust_coordinator)
         if not (settings.out / "DONE").exists():
             print(f"error: the run did not complete; see {settings.out / 'run.log'}", file=sys.stderr)
             return 1

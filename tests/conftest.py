@@ -23,3 +23,12 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def party_state(tmp_path_factory, monkeypatch) -> Path:
+    """Every test's parties get fresh folders (policy, lifetime ledger), never the user's ~/.fedpsg."""
+    state = tmp_path_factory.mktemp("party-state")
+    monkeypatch.setenv("FEDPSG_PARTY_STATE_DIR", str(state))
+    monkeypatch.delenv("FEDPSG_PARTY_POLICY", raising=False)
+    return state

@@ -14,10 +14,27 @@ from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import app as client_app
+from fedpsg.policy import PartyPolicy, default_state_dir, party_dir
+
+# Room for the many releases a test asks of one party; each run at most eps 10, as a real party might allow.
+LAB_POLICY = PartyPolicy(epsilon=1000.0, delta=1e-3, max_run_epsilon=10.0)
 
 
 class InProcessGrid:
-    def __init__(self, data_dir: Path, num_partitions: int = 5, torch_threads: int = 2) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        num_partitions: int = 5,
+        torch_threads: int = 2,
+        policy: PartyPolicy | None = LAB_POLICY,
+        state_dir: Path | None = None,
+    ) -> None:
+        """Parties in ``state_dir`` (default: the test's, from the environment), each given ``policy``
+        in its folder (None: the parties' own, or the built-in default)."""
+        state_dir = state_dir or default_state_dir()
+        if policy is not None:
+            for k in range(num_partitions):
+                policy.write(party_dir(k, state_dir) / "policy.yaml")
         self.contexts = {
             1000 + k: Context(
                 run_id=1,
@@ -27,6 +44,7 @@ class InProcessGrid:
                     "num-partitions": num_partitions,
                     "data-dir": str(data_dir),
                     "torch-threads": torch_threads,
+                    "state-dir": str(state_dir),
                 },
                 state=RecordDict(),
                 run_config={},

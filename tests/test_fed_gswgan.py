@@ -28,9 +28,17 @@ from fedpsg.federated_gan.protocol import (
     encode_sample_request,
 )
 from fedpsg.federated_gan.split import party_classes, party_indices
+from fedpsg.policy import DataShare, PartyPolicy
 from fedpsg.secret import SecretRandomness
 
 TINY = replace(PRESETS["tiny"], rounds=3, batch_size=6)
+# The party's own policy: its share of 5 (iid, seed 0), runs of at most eps 10, room for several runs.
+POLICY = PartyPolicy(epsilon=100.0, delta=1e-4, max_run_epsilon=10.0, dataset="mnist", share=DataShare(5, "iid", 0))
+
+
+def party(tmp_path, policy=POLICY) -> dict:
+    """The keyword arguments that place a party in its folder under ``tmp_path`` with ``policy``."""
+    return {"home": tmp_path / "party-1", "policy": policy}
 
 
 def request(round_index=0, partition=1, epsilon=10.0, config=TINY, run_id="test", num_parties=5, split="iid"):
@@ -62,7 +70,7 @@ def test_each_sample_gradient_is_clipped_to_c_before_the_noise_and_the_noise_mat
 ):
     config = replace(TINY, max_grad_norm=0.01)  # well below the critic's typical gradient norm: clipping bites
     images, labels = samples()
-    reply = answer_samples(request(config=config), images, labels, data_dir=str(data_dir), state_dir=tmp_path)
+    reply = answer_samples(request(config=config), images, labels, data_dir=str(data_dir), **party(tmp_path))
     (values,), std = releases[0]
     norms = values.flatten(1).norm(dim=1)
     assert len(releases) == 1 and values.shape == images.shape
@@ -86,17 +94,17 @@ def test_the_plan_composes_the_most_rounds_a_party_is_asked_and_the_ledger_stops
 
     images, labels = samples()
     replies = [
-        answer_samples(request(r, config=config), images, labels, data_dir=str(data_dir), state_dir=tmp_path)
+        answer_samples(request(r, config=config), images, labels, data_dir=str(data_dir), **party(tmp_path))
         for r in range(3)
     ]
     plan = replies[-1].privacy
     assert plan.steps == 3 and plan.sample_rate == 1.0 and plan.adjacency == "user-level"
     assert [r.releases for r in replies] == [1, 2, 3] and len(releases) == 3  # one release per answered round
     # The same round asked again (a restarted coordinator) gets the same release, at no cost.
-    again = answer_samples(request(2, config=config), images, labels, data_dir=str(data_dir), state_dir=tmp_path)
+    again = answer_samples(request(2, config=config), images, labels, data_dir=str(data_dir), **party(tmp_path))
     assert torch.equal(again.gradients, replies[-1].gradients) and len(releases) == 3
     with pytest.raises(BudgetSpent):
-        answer_samples(request(3, config=config), images, labels, data_dir=str(data_dir), state_dir=tmp_path)
+        answer_samples(request(3, config=config), images, labels, data_dir=str(data_dir), **party(tmp_path))
     assert len(releases) == 3
 
     # An independent accountant (Google's dp_accounting): 3 Gaussian releases at sigma, sample rate 1.
@@ -108,12 +116,12 @@ def test_the_plan_composes_the_most_rounds_a_party_is_asked_and_the_ledger_stops
 
 def test_the_noise_is_the_partys_secret(tmp_path, data_dir, single_thread):
     images, labels = samples()
-    one = answer_samples(request(run_id="a"), images, labels, data_dir=str(data_dir), state_dir=tmp_path)
-    two = answer_samples(request(run_id="b"), images, labels, data_dir=str(data_dir), state_dir=tmp_path)
+    one = answer_samples(request(run_id="a"), images, labels, data_dir=str(data_dir), **party(tmp_path))
+    two = answer_samples(request(run_id="b"), images, labels, data_dir=str(data_dir), **party(tmp_path))
     assert not torch.allclose(one.gradients, two.gradients)  # same public inputs, fresh OS entropy
     fixed = [
         answer_samples(
-            request(run_id=f"fixed{i}"), images, labels, data_dir=str(data_dir), state_dir=tmp_path,
+            request(run_id=f"fixed{i}"), images, labels, data_dir=str(data_dir), **party(tmp_path),
             secret=SecretRandomness.fixed(5),
         ).gradients
         for i in range(2)
@@ -127,6 +135,7 @@ def party_context(monkeypatch, data_dir, tmp_path):
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     node_config = {"partition-id": 1, "num-partitions": 5, "data-dir": str(data_dir), "state-dir": str(tmp_path)}
+    POLICY.write(tmp_path / "party-1" / "policy.yaml")  # the party's own policy, in its folder
     return Context(run_id=1, node_id=42, node_config=node_config, state=RecordDict(), run_config={})
 
 
@@ -141,7 +150,7 @@ def test_a_partys_reply_holds_only_the_noisy_sample_gradients_and_its_privacy_re
     assert not reply.content.metric_records
     privacy = dict(reply.content.config_records["privacy"])
     assert privacy["epsilon"] <= 10.0 and privacy["releases"] == 1 and privacy["adjacency"] == "user-level"
-    assert (tmp_path / "test" / "party-1.pt").exists()  # the critic stayed on the party's disk
+    assert (tmp_path / "party-1" / "runs" / "test" / "fed-gswgan-critic.pt").exists()  # the critic stayed home
 
     extra = encode_gradient_reply(decode_gradient_reply(reply.content))
     extra["critic"] = reply.content.array_records["gradients"]
@@ -168,7 +177,8 @@ def test_the_split_gives_every_example_to_exactly_one_party(num_parties, split):
 
 
 def test_a_party_is_asked_only_about_classes_it_holds(data_dir):
-    data = load_party_data(request(partition=2, split="by-class"), str(data_dir))
+    by_class = replace(POLICY, share=DataShare(5, "by-class", 0))
+    data = load_party_data(request(partition=2, split="by-class"), by_class, str(data_dir))
     assert set(data.labels.unique().tolist()) == {2, 7}
     with pytest.raises(ValueError, match="does not hold"):
         data.batch_like(torch.tensor([2, 3]), torch.Generator())
@@ -188,6 +198,7 @@ def run_simulation(out, data_dir, *extra) -> subprocess.Popen:
 def test_a_flower_simulation_writes_its_outputs_and_resumes_after_interruption(tmp_path, data_dir):
     out, rounds = tmp_path / "run", 6
     extra = ["--methods", "fed-gswgan,fedavg-gan", "--set", f"gan.rounds={rounds}", "gan.eval_every=3"]
+    extra += ["--trust-coordinator"]  # fedavg-gan sends non-private parameters
     first = run_simulation(out, data_dir, *extra)
     checkpoint = out / "checkpoints" / "fed-gswgan.pt"
     deadline = time.monotonic() + 600
@@ -225,9 +236,11 @@ def test_a_flower_simulation_writes_its_outputs_and_resumes_after_interruption(t
     assert sorted(privacy) == ["0", "1", "2", "3", "4"]
     for record in privacy.values():
         assert record["releases"] <= record["steps"] == rounds and record["epsilon"] <= 10.0
-    for ledger in (out / "party-state").glob("*/party-*.pt"):
-        state = torch.load(ledger, weights_only=True)
-        assert state["releases"] == rounds  # the re-sent round was answered from the ledger, not re-spent
+    critics = list((out / "parties").glob("party-*/runs/*/fed-gswgan-critic.pt"))
+    assert len(critics) == 5
+    for critic in critics:
+        state = torch.load(critic, weights_only=True)
+        assert state["releases"] == rounds  # the re-sent round was answered from cache, not re-spent
 
 
 @pytest.mark.parametrize(

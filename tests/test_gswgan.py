@@ -96,6 +96,29 @@ def test_the_split_is_disjoint_complete_and_stable_when_an_example_is_added():
     assert any(not torch.equal(a, b) for a, b in zip(subsets, assign_subsets(n, k, torch.Generator().manual_seed(4))))
 
 
+def test_the_public_stream_does_not_depend_on_how_many_examples_a_subset_holds():
+    # Neighbouring datasets: one example added to an empty subset, then one more to a non-empty
+    # one. Subsets hold fewer than a batch, so a data-dependent draw count would show up.
+    config = replace(TINY, batch_size=4)
+    pixels = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    neighbours = [
+        [[], [0, 1], [2, 3, 4, 5]],
+        [[6], [0, 1], [2, 3, 4, 5]],
+        [[6], [0, 1, 7], [2, 3, 4, 5]],
+    ]
+    states = []
+    for subsets in neighbours:
+        trainer = gswgan._Trainer(pixels, labels, 2, config, device="cpu", seed=5, secret=SecretRandomness.fixed(1))
+        critics = [trainer.new_critic(i, torch.tensor(s, dtype=torch.long)) for i, s in enumerate(subsets)]
+        generator = trainer.new_generator(0)
+        for _ in range(2):
+            for critic in critics:
+                trainer.critic_update(critic, generator)
+        states.append(trainer.public.get_state())
+    assert all(torch.equal(state, states[0]) for state in states[1:])
+
+
 # ---- releases counted at the mechanism ----------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from fedpsg.coordinator import Coordinator
 from fedpsg.evaluation import SMALL_SET_EVALUATION
 from fedpsg.local import LocalParties
 from fedpsg.methods import PLUGINS_ENV, Method, PartyStage, Release, method_names, register_method
-from fedpsg.privacy import gaussian_mechanism, private_record
+from fedpsg.privacy import PrivacyRecord, gaussian_mechanism, private_record
 from fedpsg.secret import SecretRandomness
 from tests.conftest import REPO
 
@@ -49,13 +49,16 @@ class NoisyMeans(Method):
     presets = {profile: NoisyMeansConfig() for profile in ("paper", "cpu", "tiny")}
     evaluation = SMALL_SET_EVALUATION
 
+    def plan(self, stage: PartyStage, config: NoisyMeansConfig) -> PrivacyRecord:
+        # Classes are disjoint, so one example changes one row by at most max_norm: one release.
+        return private_record(stage.epsilon, stage.delta, 1.0, 1, dataset_size=len(stage.data))
+
     def run(self, stage: PartyStage, config: NoisyMeansConfig, secret: SecretRandomness | None = None) -> Release:
         secret = secret or SecretRandomness.fresh(stage.device)
         images = stage.data.images.flatten(1)
         images = images * (config.max_norm / images.norm(dim=1, keepdim=True)).clamp(max=1.0)
         sums = torch.stack([images[stage.data.labels == c].sum(0) for c in stage.classes])
-        # Classes are disjoint, so one example changes one row by at most max_norm: one release.
-        record = private_record(stage.epsilon, stage.delta, 1.0, 1, dataset_size=len(stage.data))
+        record = self.plan(stage, config)
         (noisy,) = gaussian_mechanism([sums], record.noise_multiplier * config.max_norm, secret.noise)
         means = noisy / (len(stage.data) / len(stage.classes))
         public = torch.Generator().manual_seed(stage.seed)

@@ -5,15 +5,15 @@
 
 One virtual SuperNode per party, all online at once; the ServerApp keeps the generator. Results
 land in ``--out`` (default ``runs/<scenario>-<split>-<parties>p-eps<eps>``); re-running with the
-same ``--out`` resumes after the last finished round. The simulated parties keep their critics
-and privacy ledgers under ``<out>/party-state`` (in a deployment: each SuperNode's own disk).
+same ``--out`` resumes after the last finished round. The simulated parties keep their policies,
+critics and lifetime ledgers under ``<out>/parties`` (in a deployment: each SuperNode's own disk);
+fedavg-gan is not private, so it runs only with ``--trust-coordinator``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from fedpsg.cli import add_common_arguments, positive_int
@@ -26,8 +26,8 @@ from fedpsg.federated_gan.config import (
     read_federated_scenario,
     resolve_federated_settings,
 )
-from fedpsg.federated_gan.party import STATE_DIR_ENV
 from fedpsg.scenario import read_scenario
+from fedpsg.simulated_parties import TRUST_HELP, prepare_parties
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for a round's replies")
     parser.add_argument("--ray-address", default=None, help="run on an existing Ray cluster (e.g. 'auto')")
     parser.add_argument("--party-cpus", type=float, default=1.0, help="Ray CPUs reserved per party")
+    parser.add_argument("--trust-coordinator", action="store_true", help=TRUST_HELP)
     return parser
 
 
@@ -77,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
         test = load_images(settings.scenario.dataset, train=False, data_dir=settings.data_dir)
         FedGANRun(settings, test)  # checks a resumed folder's settings before Ray starts
+        prepare_parties(settings, args.trust_coordinator)
     except (ValueError, ResumeMismatchError) as err:
         parser.error(str(err))
     except DataNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault(STATE_DIR_ENV, str((settings.out / "party-state").resolve()))
-    simulate(settings, args.ray_address, args.party_cpus)
+    simulate(settings, args.ray_address, args.party_cpus, trust_coordinator=args.trust_coordinator)
     if not (settings.out / "DONE").exists():
         print(f"error: the run did not complete; see {settings.out / 'run.log'}", file=sys.stderr)
         return 1

@@ -1,20 +1,21 @@
 """A party of a federated GAN scenario, independent of Flower.
 
-fed-gswgan. The party keeps a conditional critic trained on its own data only, and a ledger,
-both on its own disk (``state_dir``; the critic never leaves). At first contact it fixes its
-plan: the most rounds it will take part in (``participations_per_party`` of the run's public
-schedule) and the noise that makes them cost its (epsilon, delta) together. Every request then:
+fed-gswgan. The party keeps a conditional critic trained on its own data only, in its own folder
+(the critic never leaves). Its share of the data is fixed by its policy (``share``), never by
+the request. At a run's first contact it fixes the run's plan: the most rounds it will take part
+in (``participations_per_party`` of the run's public schedule) and the noise that makes them cost
+the run's (epsilon, delta), which its policy must allow for one run. Every request then:
 
-    refuse if the ledger says the plan's releases are spent                 # the party's own cap
+    refuse if the run's plan is spent, or if the release does not fit the lifetime ledger
+    write the release to the ledger                                          # before computing
     critic_iterations WGAN-GP updates: real images of the samples' labels (secret picks)
                                        against the coordinator's samples
     g_i = d(-D(x_i, y_i)) / d x_i for each sample x_i                        # non-private
     reply g~ = [clip_C(g_1); ...; clip_C(g_B)] + N(0, s^2 I), s = sigma * 2 C sqrt(B)
-    (the ledger is written before the reply leaves)
 
-A round asked again (the coordinator restarted from its last checkpoint) gets the reply already
-released for it: sending the same release twice costs nothing, and a crash cannot make a party
-spend more than its plan.
+A round asked again with the same samples (the coordinator restarted from its last checkpoint)
+gets the reply already released for it, at no cost; the same round with other samples is a new
+release, charged like any other. A party answers one request of a run at a time (a file lock).
 
 User-level DP against an untrusted coordinator. The unit is the party's whole dataset: with any
 other dataset each clipped row can move anywhere within its C-ball, so a reply's sensitivity is
@@ -23,14 +24,18 @@ so no amplification by subsampling is claimed: a party composes its own releases
 rate 1. The noise comes from the party's secret randomness (:mod:`fedpsg.secret`).
 
 fedavg-gan. The baseline that exchanges parameters: the party trains the received generator
-and critic for ``local_steps`` GAN iterations on its data and returns both. Non-private.
+and critic for ``local_steps`` GAN iterations on its data and returns both. Non-private: a party
+answers it only if its policy says it trusts the coordinator, and records it in its ledger.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
 import math
-import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +46,7 @@ from fedpsg.federated_gan.config import FedGANConfig, participations_per_party
 from fedpsg.federated_gan.protocol import GradientReply, ModelReply, RoundRequest
 from fedpsg.federated_gan.split import party_indices
 from fedpsg.files import save_atomically
+from fedpsg.ledger import Ledger
 from fedpsg.methods.gswgan import (
     ConditionalCritic,
     ConditionalGenerator,
@@ -49,21 +55,16 @@ from fedpsg.methods.gswgan import (
     sanitise,
     step_sensitivity,
 )
-from fedpsg.privacy import PrivacyRecord, private_record, validate_budget
+from fedpsg.policy import PartyPolicy, Refused
+from fedpsg.privacy import PrivacyRecord, epsilon_spent, private_record, validate_budget
 from fedpsg.secret import SecretRandomness, public_seed
 
-STATE_DIR_ENV = "FEDPSG_PARTY_STATE_DIR"
 MECHANISM = "gaussian (user-level: any change of the party's dataset; sensitivity 2*C*sqrt(B))"
 NON_PRIVATE = "none (non-private baseline: parameters trained on the data are sent as they are)"
 
 
-class BudgetSpent(RuntimeError):
-    """The party has made every release its plan allows and answers no more."""
-
-
-def default_state_dir() -> Path:
-    """Where a party keeps its critic and ledger: ``$FEDPSG_PARTY_STATE_DIR`` or ``~/.fedpsg/party-state``."""
-    return Path(os.environ.get(STATE_DIR_ENV) or Path.home() / ".fedpsg" / "party-state")
+class BudgetSpent(Refused):
+    """The party has made every release the run's plan allows and answers no more in this run."""
 
 
 @dataclass(frozen=True)
@@ -95,11 +96,19 @@ def _train_pixels(dataset: str, data_dir: str | None) -> tuple[torch.Tensor, tor
     return dataset_spec(dataset).to_pixels(train.images).clamp(0, 1), train.labels
 
 
-def load_party_data(request: RoundRequest, data_dir: str | None = None) -> PartyData:
-    """The share of partition ``request.partition`` under the run's public split (read once per process)."""
-    return _party_share(
-        request.dataset, data_dir, request.num_parties, request.split, request.split_seed, request.partition
-    )
+def load_party_data(request: RoundRequest, policy: PartyPolicy, data_dir: str | None = None) -> PartyData:
+    """The party's share under the split its policy fixes (read once per process); refuse a request for another."""
+    share = policy.share
+    who, what = f"party {request.partition}", f"round {request.round} of run {request.run_id!r}"
+    if share is None:
+        raise Refused(f"{who} refuses {what}: its policy names no share of the data (policy key 'share')")
+    asked = (request.num_parties, request.split, request.split_seed)
+    if asked != (share.parties, share.split, share.seed):
+        raise Refused(
+            f"{who} refuses {what}: it holds share {request.partition} of {share.parties} parties "
+            f"({share.split}, seed {share.seed}); the request assumes {asked}"
+        )
+    return _party_share(request.dataset, data_dir, share.parties, share.split, share.seed, request.partition)
 
 
 # Shares are disjoint, so caching all of a process's parties holds at most one copy of the dataset;
@@ -176,8 +185,21 @@ def plan_privacy(request: RoundRequest) -> PrivacyRecord:
     )
 
 
+def samples_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """Names the samples a reply was computed for, so a retried round is answered from cache only for them."""
+    digest = hashlib.sha256(images.detach().cpu().float().numpy().tobytes())
+    digest.update(labels.cpu().long().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def round_record(plan: PrivacyRecord) -> PrivacyRecord:
+    """One round's release under the run's plan: a single Gaussian mechanism at the plan's noise."""
+    epsilon = epsilon_spent(plan.noise_multiplier, 1.0, 1, plan.delta, plan.accountant)
+    return PrivacyRecord(**{**plan.to_dict(), "epsilon": epsilon, "steps": 1})
+
+
 class PartyCritic:
-    """The party's critic, optimiser and ledger, kept in one file under its state folder."""
+    """The party's critic, optimiser and the run's plan, kept in one file in the party's folder."""
 
     def __init__(
         self,
@@ -186,16 +208,15 @@ class PartyCritic:
         optimizer: torch.optim.Optimizer,
         plan: PrivacyRecord,
         releases: int = 0,
-        last_release: tuple[int, torch.Tensor] | None = None,
+        last_release: tuple[int, str, torch.Tensor] | None = None,
     ) -> None:
         self.path, self.critic, self.optimizer, self.plan = path, critic, optimizer, plan
         self.releases = releases
-        self.last_release = last_release  # (round, sanitised gradients) of the latest reply
+        self.last_release = last_release  # (round, samples digest, sanitised gradients) of the latest reply
 
     @classmethod
-    def open(cls, request: RoundRequest, data: PartyData, state_dir: Path, secret: SecretRandomness) -> PartyCritic:
-        """Load the party's state for this run, or create it: plan the budget, warm-start the critic."""
-        path = Path(state_dir) / request.run_id / f"party-{request.partition}.pt"
+    def open(cls, request: RoundRequest, data: PartyData, path: Path, secret: SecretRandomness) -> PartyCritic:
+        """Load the party's state for this run, or create it: plan the run, warm-start the critic."""
         num_classes = dataset_spec(request.dataset).num_classes
         config = request.config
         critic = new_critic(config, num_classes, seed=request.split_seed * 1_000_003 + request.partition)
@@ -218,7 +239,6 @@ class PartyCritic:
         return party
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "critic": self.critic.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -230,21 +250,26 @@ class PartyCritic:
 
     def answer(
         self,
-        round_index: int,
+        request: RoundRequest,
         images: torch.Tensor,
         labels: torch.Tensor,
         data: PartyData,
-        config: FedGANConfig,
+        ledger: Ledger,
+        policy: PartyPolicy,
         secret: SecretRandomness,
     ) -> GradientReply:
         """Train the critic on the samples, then release their sanitised gradients (one Gaussian release)."""
-        if self.last_release is not None and self.last_release[0] == round_index:
-            return GradientReply(self.last_release[1], self.plan, self.releases)  # already released
+        digest = samples_digest(images, labels)
+        if self.last_release is not None and self.last_release[:2] == (request.round, digest):
+            return GradientReply(self.last_release[2], self.plan, self.releases)  # already released
+        what = f"fed-gswgan round {request.round} of run {request.run_id!r}"
         if self.releases >= self.plan.steps:
             raise BudgetSpent(
-                f"party's budget is spent: {self.releases} of {self.plan.steps} planned releases made "
-                f"(epsilon {self.plan.epsilon:.3g}, delta {self.plan.delta:g})"
+                f"party {request.partition} refuses {what}: the run's plan is spent, {self.releases} of "
+                f"{self.plan.steps} planned releases made (epsilon {self.plan.epsilon:.3g}, delta {self.plan.delta:g})"
             )
+        entry = ledger.reserve(round_record(self.plan), policy, method="fed-gswgan", purpose=what)
+        config = request.config
         for _ in range(config.critic_iterations):
             real = data.batch_like(labels, secret.sampling)
             critic_step(
@@ -252,13 +277,23 @@ class PartyCritic:
                 gp_weight=config.gp_weight, drift_weight=config.drift_weight,
             )  # fmt: skip
         gradients = generator_loss_gradients(self.critic, images, labels)
-        if not math.isinf(self.plan.epsilon):
+        if not math.isinf(self.plan.epsilon):  # eps = inf: a trusted coordinator's non-private reference
             noise_std = self.plan.noise_multiplier * step_sensitivity(config.max_grad_norm, len(labels))
             gradients = sanitise(gradients, config.max_grad_norm, noise_std, secret.noise)
         self.releases += 1
-        self.last_release = (round_index, gradients.detach())
-        self.save()  # the ledger counts the release before it leaves
+        self.last_release = (request.round, digest, gradients.detach())
+        self.save()
+        ledger.mark_released(entry)
         return GradientReply(gradients, self.plan, self.releases)
+
+
+@contextmanager
+def _one_at_a_time(path: Path) -> Iterator[None]:
+    """An exclusive lock on a run's state: concurrent requests of one run are answered in turn."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def answer_samples(
@@ -266,15 +301,26 @@ def answer_samples(
     images: torch.Tensor,
     labels: torch.Tensor,
     *,
+    home: Path,
+    policy: PartyPolicy,
     data_dir: str | None = None,
-    state_dir: Path | None = None,
     secret: SecretRandomness | None = None,
 ) -> GradientReply:
-    """A fed-gswgan round on this party: ``secret`` defaults to fresh OS entropy."""
+    """A fed-gswgan round on the party whose folder is ``home``: ``secret`` defaults to fresh OS entropy."""
+    who, what = f"party {request.partition}", f"fed-gswgan round {request.round} of run {request.run_id!r}"
+    policy.check_request(
+        who, what, method="fed-gswgan", private=True, epsilon=request.epsilon, delta=request.delta,
+        dataset=request.dataset,
+    )  # fmt: skip
+    data = load_party_data(request, policy, data_dir)
     secret = secret or SecretRandomness.fresh()
-    data = load_party_data(request, data_dir)
-    party = PartyCritic.open(request, data, state_dir or default_state_dir(), secret)
-    return party.answer(request.round, images.float(), labels.long(), data, request.config, secret)
+    path = Path(home) / "runs" / request.run_id / "fed-gswgan-critic.pt"
+    with _one_at_a_time(path):
+        ledger = Ledger(home, request.dataset, who)
+        if not path.exists():  # a new run: its first release must fit before the warm start reads any data
+            ledger.check(round_record(plan_privacy(request)), policy, method="fed-gswgan", purpose=what)
+        party = PartyCritic.open(request, data, path, secret)
+        return party.answer(request, images.float(), labels.long(), data, ledger, policy, secret)
 
 
 # ----- fedavg-gan ------------------------------------------------------------------------------
@@ -285,13 +331,31 @@ def answer_models(
     generator_state: dict[str, torch.Tensor],
     critic_state: dict[str, torch.Tensor],
     *,
+    home: Path,
+    policy: PartyPolicy,
     data_dir: str | None = None,
     secret: SecretRandomness | None = None,
 ) -> ModelReply:
-    """A fedavg-gan round on this party: local GAN training from the received parameters."""
+    """A fedavg-gan round: local GAN training from the received parameters (only for a trusted coordinator)."""
+    who, what = f"party {request.partition}", f"fedavg-gan round {request.round} of run {request.run_id!r}"
+    policy.check_request(
+        who, what, method="fedavg-gan", private=False, epsilon=math.inf, delta=request.delta, dataset=request.dataset
+    )
+    data = load_party_data(request, policy, data_dir)
+    privacy = PrivacyRecord(
+        epsilon=math.inf,
+        delta=request.delta,
+        noise_multiplier=0.0,
+        steps=1,
+        sample_rate=1.0,
+        accountant=request.config.accountant,
+        mechanism=NON_PRIVATE,
+        adjacency="user-level",
+    )
+    ledger = Ledger(home, request.dataset, who)
+    entry = ledger.reserve(privacy, policy, method="fedavg-gan", purpose=what)
     secret = secret or SecretRandomness.fresh()
     config = request.config
-    data = load_party_data(request, data_dir)
     num_classes = dataset_spec(request.dataset).num_classes
     generator, critic = new_generator(config, num_classes, 0), new_critic(config, num_classes, 0)
     generator.load_state_dict(generator_state)
@@ -300,14 +364,5 @@ def answer_models(
         generator, critic, data, config.local_steps, config,
         adam(generator, config.lr_generator, config), adam(critic, config.lr_discriminator, config), secret.sampling,
     )  # fmt: skip
-    privacy = PrivacyRecord(
-        epsilon=math.inf,
-        delta=request.delta,
-        noise_multiplier=0.0,
-        steps=1,  # this reply; the party keeps no ledger for a non-private baseline
-        sample_rate=1.0,
-        accountant=config.accountant,
-        mechanism=NON_PRIVATE,
-        adjacency="user-level",
-    )
+    ledger.mark_released(entry)
     return ModelReply(generator.state_dict(), critic.state_dict(), privacy, releases=1)

@@ -14,6 +14,9 @@ Adding one (see ``fedpsg/methods/psg.py`` for a full example)::
         presets = {"paper": MyConfig(...), "cpu": MyConfig(...), "tiny": MyConfig(...)}
         evaluation = {"paper": EvalConfig(...), "cpu": EvalConfig(...), "tiny": EvalConfig(...)}
 
+        def plan(self, stage: PartyStage, config: MyConfig) -> PrivacyRecord:
+            ...                                      # what run() will spend, from public sizes only
+
         def run(self, stage: PartyStage, config: MyConfig, secret: SecretRandomness | None = None) -> Release:
             ...
 
@@ -84,6 +87,14 @@ class Method(ABC):
     presets: ClassVar[Mapping[str, Any]]  # profile name -> config
     evaluation: ClassVar[Mapping[str, EvalConfig]]  # profile name -> how the coordinator evaluates it
     uses_earlier_sets: ClassVar[bool] = False  # receive the earlier stages' DP sets with the model
+
+    @abstractmethod
+    def plan(self, stage: PartyStage, config: Any) -> PrivacyRecord:
+        """What ``run`` will spend (its mechanism's noise, sample rate and steps), without running it.
+
+        The party writes this to its lifetime ledger before ``run`` touches the data, and checks that
+        the release's record matches it. Only public facts may be used: sizes, the config, the budget.
+        """
 
     @abstractmethod
     def run(self, stage: PartyStage, config: Any, secret: SecretRandomness | None = None) -> Release:

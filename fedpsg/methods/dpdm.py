@@ -308,6 +308,9 @@ class DPDM(Method):
     presets = DPDM_PRESETS
     evaluation = SMALL_SET_EVALUATION
 
+    def plan(self, stage: PartyStage, config: DPDMConfig) -> PrivacyRecord:
+        return privacy_of(config, _class_sizes(stage.data, stage.classes), stage.epsilon, stage.delta)
+
     def run(self, stage: PartyStage, config: DPDMConfig, secret: SecretRandomness | None = None) -> Release:
         synthetic = generate_dpdm_set(
             stage.data,

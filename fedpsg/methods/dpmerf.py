@@ -38,6 +38,7 @@ __all__ = [
     "embedding_sensitivity",
     "mean_embedding",
     "random_fourier_features",
+    "embedding_privacy",
     "release_embedding",
     "sample_generator",
     "train_generator",
@@ -158,6 +159,14 @@ def embedding_sensitivity(n: int, adjacency: str = "add-remove") -> float:
     raise ValueError(f"unknown adjacency {adjacency!r}; available: {', '.join(EXAMPLE_ADJACENCIES)}")
 
 
+def embedding_privacy(
+    n: int, epsilon: float, delta: float, accountant: str = "rdp", adjacency: str = "add-remove"
+) -> PrivacyRecord:
+    """What one release of the mean embedding of ``n`` examples costs: a single, non-subsampled Gaussian mechanism."""
+    validate_budget(epsilon, delta)
+    return private_record(epsilon, delta, 1.0, 1, accountant, mechanism="gaussian", adjacency=adjacency, dataset_size=n)
+
+
 def release_embedding(
     emb: torch.Tensor,
     n: int,
@@ -175,10 +184,7 @@ def release_embedding(
     (default: fresh OS entropy).
     ``epsilon = inf`` returns the embedding unchanged.
     """
-    validate_budget(epsilon, delta)
-    record = private_record(
-        epsilon, delta, 1.0, 1, accountant, mechanism="gaussian", adjacency=adjacency, dataset_size=n
-    )
+    record = embedding_privacy(n, epsilon, delta, accountant, adjacency)
     std = record.noise_multiplier * embedding_sensitivity(n, adjacency)
     (noisy,) = gaussian_mechanism([emb], std, generator or secret_generator(emb.device))
     return noisy, record
@@ -383,6 +389,9 @@ class DPMerf(Method):
         "cpu": EvalConfig(width=32, epochs=40, augment=True, num_evals=2),
         "tiny": EvalConfig(width=16, epochs=30, augment=False, num_evals=1),
     }
+
+    def plan(self, stage: PartyStage, config: DPMerfConfig) -> PrivacyRecord:
+        return embedding_privacy(len(stage.data), stage.epsilon, stage.delta, config.accountant, config.adjacency)
 
     def run(self, stage: PartyStage, config: DPMerfConfig, secret: SecretRandomness | None = None) -> Release:
         generated, record = dpmerf_generate(

@@ -27,7 +27,7 @@ from fedpsg.privacy import PrivacyRecord, private_record, validate_budget
 from fedpsg.progress import Progress, silent
 from fedpsg.secret import SecretRandomness
 
-__all__ = ["DPSGD", "DPSGDConfig", "DPSGDSchedule", "dpsgd_finetune", "dpsgd_schedule"]
+__all__ = ["DPSGD", "DPSGDConfig", "DPSGDSchedule", "dpsgd_finetune", "dpsgd_schedule", "privacy_of"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,22 @@ def dpsgd_schedule(num_examples: int, config: DPSGDConfig) -> DPSGDSchedule:
     return DPSGDSchedule(sample_rate, steps_per_epoch, config.epochs * steps_per_epoch)
 
 
+def privacy_of(config: DPSGDConfig, n: int, epsilon: float, delta: float) -> PrivacyRecord:
+    """What finetuning on ``n`` private examples will spend (without running it); ``epsilon = inf``: non-private."""
+    validate_budget(epsilon, delta)
+    schedule = dpsgd_schedule(n, config)
+    private = not math.isinf(epsilon)
+    return private_record(
+        epsilon,
+        delta,
+        schedule.sample_rate,
+        schedule.steps,
+        config.accountant,
+        max_grad_norm=config.max_grad_norm if private else None,
+        dataset_size=n,
+    )
+
+
 def dpsgd_finetune(
     model: nn.Module,
     data: ImageSet,
@@ -96,20 +112,9 @@ def dpsgd_finetune(
     Adjacency is add/remove-one of an example of ``data`` (Poisson-subsampled Gaussian, as
     in Opacus). The returned record holds what the accountant charges for the steps taken.
     """
-    validate_budget(epsilon, delta)  # before any training
-    if len(data) == 0:
-        raise ValueError("DP-SGD needs at least one example")
+    record = privacy_of(config, len(data), epsilon, delta)  # before any training
     schedule = dpsgd_schedule(len(data), config)
     private = not math.isinf(epsilon)
-    record = private_record(
-        epsilon,
-        delta,
-        schedule.sample_rate,
-        schedule.steps,
-        config.accountant,
-        max_grad_norm=config.max_grad_norm if private else None,
-        dataset_size=len(data),
-    )
 
     model.to(device)
     was_training = model.training
@@ -202,6 +207,9 @@ class DPSGD(Method):
     config_class = DPSGDConfig
     presets = {"paper": DPSGDConfig(), "cpu": DPSGDConfig(), "tiny": DPSGDConfig(epochs=1)}
     evaluation = SMALL_SET_EVALUATION  # the classifier's shape; the coordinator tests it as it is
+
+    def plan(self, stage: PartyStage, config: DPSGDConfig) -> PrivacyRecord:
+        return privacy_of(config, len(stage.data), stage.epsilon, stage.delta)
 
     def run(self, stage: PartyStage, config: DPSGDConfig, secret: SecretRandomness | None = None) -> Release:
         model = stage.model

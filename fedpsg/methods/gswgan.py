@@ -285,9 +285,14 @@ def gradient_penalty(
     fake: torch.Tensor,
     labels: torch.Tensor,
     generator: torch.Generator,
+    alpha: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """WGAN-GP's ``mean (||grad_x D(x_hat, y)|| - 1)^2`` on random interpolates of real and fake."""
-    alpha = torch.rand(len(real), 1, 1, 1, generator=generator, device=real.device)
+    """WGAN-GP's ``mean (||grad_x D(x_hat, y)|| - 1)^2`` on random interpolates of real and fake.
+
+    ``alpha``: pre-drawn ``(len(real), 1, 1, 1)`` interpolation weights (default: drawn from ``generator``).
+    """
+    if alpha is None:
+        alpha = torch.rand(len(real), 1, 1, 1, generator=generator, device=real.device)
     mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(mixed, labels).sum(), mixed, create_graph=True)
     return (grad.flatten(1).norm(dim=1) - 1).square().mean()
@@ -303,13 +308,17 @@ def critic_step(
     *,
     gp_weight: float,
     drift_weight: float,
+    alpha: torch.Tensor | None = None,
 ) -> None:
-    """One WGAN-GP update of ``critic`` (non-private: the critic never leaves its data's owner)."""
+    """One WGAN-GP update of ``critic`` (non-private: the critic never leaves its data's owner).
+
+    ``alpha``: pre-drawn gradient-penalty weights, as in :func:`gradient_penalty`.
+    """
     real_score, fake_score = critic(real, labels), critic(fake, labels)
     loss = (
         fake_score.mean()
         - real_score.mean()
-        + gp_weight * gradient_penalty(critic, real, fake, labels, generator)
+        + gp_weight * gradient_penalty(critic, real, fake, labels, generator, alpha)
         + drift_weight * real_score.square().mean()
     )
     optimizer.zero_grad(set_to_none=True)
@@ -437,17 +446,25 @@ class _Trainer:
         return torch.randn(count, self.config.latent_dim, generator=self.public, device=self.device)
 
     def critic_update(self, critic: _Critic, generator: ConditionalGenerator) -> None:
-        """One non-private WGAN-GP step of ``critic`` on a real batch of its own subset (drawn secretly)."""
+        """One non-private WGAN-GP step of ``critic`` on a real batch of its own subset (drawn secretly).
+
+        Always draws a full batch of codes and penalty weights from the public stream, and uses
+        only as many as the subset fills: the public stream's later draws must not depend on how
+        many private examples a subset holds.
+        """
+        batch = self.config.batch_size
+        codes = self.codes(batch)
+        alpha = torch.rand(batch, 1, 1, 1, generator=self.public, device=self.device)
         if len(critic.subset) == 0:
             return  # nothing to learn from; the critic still answers the generator's queries
-        pick = torch.randperm(len(critic.subset), generator=self.secret.sampling)[: self.config.batch_size]
+        pick = torch.randperm(len(critic.subset), generator=self.secret.sampling)[:batch]
         index = critic.subset[pick].to(self.device)
         real, labels = self.pixels[index], self.labels[index]
         with torch.no_grad():
-            fake = generator(self.codes(len(real)), labels)
+            fake = generator(codes[: len(real)], labels)
         critic_step(
             critic.net, critic.optimizer, real, fake, labels, self.public,
-            gp_weight=self.config.gp_weight, drift_weight=self.config.drift_weight,
+            gp_weight=self.config.gp_weight, drift_weight=self.config.drift_weight, alpha=alpha[: len(real)],
         )  # fmt: skip
 
     def sample_gradients(
@@ -607,6 +624,9 @@ class GSWGAN(Method):
     config_class = GSWGANConfig
     presets = GSWGAN_PRESETS
     evaluation = GSWGAN_EVALUATION
+
+    def plan(self, stage: PartyStage, config: GSWGANConfig) -> PrivacyRecord:
+        return privacy_of(config, len(stage.data), stage.epsilon, stage.delta)
 
     def run(self, stage: PartyStage, config: GSWGANConfig, secret: SecretRandomness | None = None) -> Release:
         total = config.num_discriminators * config.pretrain_iterations + config.generator_iterations

@@ -262,6 +262,9 @@ class PSG(Method):
     evaluation = SMALL_SET_EVALUATION
     uses_earlier_sets = True
 
+    def plan(self, stage: PartyStage, config: PSGConfig) -> PrivacyRecord:
+        return privacy_of(config, len(stage.data), stage.epsilon, stage.delta)
+
     def run(self, stage: PartyStage, config: PSGConfig, secret: SecretRandomness | None = None) -> Release:
         synthetic = generate_private_set(
             stage.data,

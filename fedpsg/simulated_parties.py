@@ -1,0 +1,61 @@
+"""The simulation's virtual parties: the policy each one is given, in its own folder under the run.
+
+In a deployment every party writes its own policy (:mod:`fedpsg.policy`); in a simulation one
+user plays all parties, so the launcher writes them, once per run folder: each virtual party holds
+its share of the data, allows the run's methods at most at the run's epsilon each, and has a
+lifetime budget of one run per private method. Non-private requests need ``--trust-coordinator``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from fedpsg.config import RunSettings
+from fedpsg.federated_gan.config import FedGANSettings
+from fedpsg.policy import DataShare, PartyPolicy, party_dir
+
+NON_PRIVATE_METHODS = ("fedavg-gan",)
+TRUST_HELP = "the simulated parties trust the coordinator: they also answer non-private requests (eps inf, fedavg-gan)"
+
+
+def party_policies(settings: RunSettings | FedGANSettings, trust_coordinator: bool = False) -> list[PartyPolicy]:
+    """What each virtual party allows: its own share of the data, the run's methods at most at the
+    run's epsilon each, and a lifetime budget of one run per private method (basic composition's
+    (k eps, k delta), which the ledger's RDP composition of k such runs stays within)."""
+    private = [m for m in settings.methods if m not in NON_PRIVATE_METHODS]
+    runs = max(1, len(private))
+    finite = not math.isinf(settings.epsilon)
+    common = dict(
+        epsilon=runs * settings.epsilon if finite else 1.0,
+        delta=min(0.5, runs * settings.delta),
+        max_run_epsilon=settings.epsilon if finite else None,
+        methods=tuple(settings.methods),
+        trust_coordinator=trust_coordinator,
+        dataset=settings.scenario.dataset,
+    )
+    if isinstance(settings, FedGANSettings):
+        share = DataShare(settings.num_partitions, settings.scenario.split, settings.seed)
+        return [PartyPolicy(**common, share=share) for _ in range(settings.num_partitions)]
+    return [PartyPolicy(**common, classes=tuple(classes)) for classes in settings.scenario.stages]
+
+
+def prepare_parties(settings: RunSettings | FedGANSettings, trust_coordinator: bool = False) -> Path:
+    """Write the virtual parties' policies under ``<out>/parties`` and return that state folder.
+
+    An existing policy is kept (a resumed run's parties keep what they allowed); refuse early, with
+    the switch to use, a run its parties would refuse."""
+    non_private = [m for m in settings.methods if m in NON_PRIVATE_METHODS]
+    if math.isinf(settings.epsilon):
+        non_private = settings.methods
+    if non_private and not trust_coordinator:
+        raise ValueError(
+            f"{', '.join(non_private)} at epsilon {settings.epsilon:g} is not private: the parties refuse it unless "
+            "--trust-coordinator (or leave it out with --methods)"
+        )
+    state_dir = (settings.out / "parties").resolve()
+    for partition, policy in enumerate(party_policies(settings, trust_coordinator)):
+        path = party_dir(partition, state_dir) / "policy.yaml"
+        if not path.exists():
+            policy.write(path)
+    return state_dir

@@ -1,0 +1,277 @@
+"""A party owns its budget: the coordinator plays the attacker through the real ClientApp.
+
+Every attack is a request a coordinator can send (new run id, huge epsilon, large delta, eps = inf,
+a non-private method, another split, many requests at once); each must be refused with the
+party's ledger unchanged. The lifetime ledger composes a continual stage, federated-GAN rounds and
+a ``generate`` run on the same data, checked against Google's dp_accounting.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+from dp_accounting import dp_event, rdp
+from flwr.app import Message
+
+from fedpsg.data import dataset_spec
+from fedpsg.evaluation import new_classifier
+from fedpsg.federated_gan.config import PRESETS
+from fedpsg.federated_gan.party import BudgetSpent
+from fedpsg.federated_gan.protocol import RoundRequest, encode_model_request, encode_sample_request
+from fedpsg.ledger import Ledger, composed_epsilon
+from fedpsg.ledger import main as ledger_main
+from fedpsg.methods import get_method
+from fedpsg.policy import DataShare, PartyPolicy, Refused, load_policy, party_dir
+from fedpsg.privacy import private_record
+from fedpsg.protocol import TrainRequest, decode_reply, encode_train_request
+from tests.conftest import REPO
+from tests.inprocess import InProcessGrid, patch_task_identity
+
+DPMERF = replace(get_method("dpmerf").presets["tiny"], generator_steps=10, samples_per_class=5)
+EVAL = get_method("dpmerf").evaluation["tiny"]
+GAN = replace(PRESETS["tiny"], rounds=2, batch_size=4)
+SHARE = DataShare(5, "iid", 0)
+# One run of at most eps 10 on MNIST: the party's whole lifetime budget.
+ONE_RUN = PartyPolicy(epsilon=10.0, delta=1e-5, max_run_epsilon=10.0, dataset="mnist", classes=(5, 6), share=SHARE)
+
+
+def stage_request(epsilon=10.0, delta=1e-5, method="dpmerf", classes=(5, 6), stage=1) -> TrainRequest:
+    model = new_classifier(dataset_spec("mnist"), EVAL, seed=0).state_dict()
+    config = asdict(DPMERF) if method == "dpmerf" else asdict(get_method(method).presets["tiny"])
+    return TrainRequest(method, stage, 0, "mnist", list(classes), epsilon, delta, 0, config, model, EVAL.architecture)
+
+
+def round_request(run_id="run-a", round_index=0, epsilon=10.0, split="iid") -> RoundRequest:
+    return RoundRequest(run_id, round_index, 0, "mnist", 5, split, 0, epsilon, 1e-5, GAN)
+
+
+def gan_samples() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(4, 1, 28, 28, generator=generator), torch.tensor([5, 6, 5, 6])
+
+
+@pytest.fixture
+def grid(monkeypatch, data_dir, party_state):
+    patch_task_identity(monkeypatch)
+    return InProcessGrid(data_dir, num_partitions=1, torch_threads=1, policy=ONE_RUN, state_dir=party_state)
+
+
+def send(grid: InProcessGrid, content, message_type: str = "train") -> Message:
+    return grid.send_and_receive([Message(content, dst_node_id=1000, message_type=message_type)])[0]
+
+
+def ledger_bytes(party_state: Path) -> bytes | None:
+    path = party_dir(0, party_state) / "ledger-mnist.json"
+    return path.read_bytes() if path.exists() else None
+
+
+ATTACKS = {
+    "huge epsilon": lambda: ("train", encode_train_request(stage_request(epsilon=1e6))),
+    "eps inf": lambda: ("train", encode_train_request(stage_request(epsilon=math.inf))),
+    "large delta": lambda: ("train", encode_train_request(stage_request(delta=0.1))),
+    "another class split": lambda: ("train", encode_train_request(stage_request(classes=(0, 1)))),
+    "a method the party does not allow": lambda: ("train", encode_train_request(stage_request(method="psg"))),
+    "a non-private method": lambda: (
+        "train.fedavg_gan",
+        encode_model_request(round_request(), {}, {}),
+    ),
+    "another federated split": lambda: (
+        "train.fed_gswgan",
+        encode_sample_request(round_request(split="by-class"), *gan_samples()),
+    ),
+    "federated-GAN with a huge epsilon": lambda: (
+        "train.fed_gswgan",
+        encode_sample_request(round_request(epsilon=1e6), *gan_samples()),
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_a_coordinators_attack_is_refused_and_the_ledger_is_unchanged(attack, grid, party_state):
+    policy = replace(ONE_RUN, methods=("dpmerf", "fed-gswgan"))
+    policy.write(party_dir(0, party_state) / "policy.yaml")
+    message_type, content = ATTACKS[attack]()
+    before = ledger_bytes(party_state)
+    with pytest.raises(Refused, match="party 0 refuses"):
+        send(grid, content, message_type)
+    assert ledger_bytes(party_state) == before  # nothing written, no data read
+
+
+def test_a_new_run_id_gets_no_fresh_budget(grid, party_state, data_dir):
+    samples = gan_samples()
+    for round_index in range(2):  # run a: its plan (2 rounds, eps 10 together) is the whole lifetime budget
+        reply = send(grid, encode_sample_request(round_request("run-a", round_index), *samples), "train.fed_gswgan")
+        assert not reply.has_error()
+    before = ledger_bytes(party_state)
+    with pytest.raises(BudgetSpent):  # the run's own plan is spent
+        send(grid, encode_sample_request(round_request("run-a", 2), *samples), "train.fed_gswgan")
+    with pytest.raises(Refused, match=r"lifetime budget on mnist is epsilon 10 .* left"):
+        send(grid, encode_sample_request(round_request("run-b", 0), *samples), "train.fed_gswgan")
+    assert ledger_bytes(party_state) == before
+    assert not list((party_dir(0, party_state) / "runs" / "run-b").glob("*.pt"))  # no warm start on its data
+    assert [e.purpose for e in Ledger(party_dir(0, party_state), "mnist").entries()] == [
+        "fed-gswgan round 0 of run 'run-a'",
+        "fed-gswgan round 1 of run 'run-a'",
+    ]
+
+
+def test_a_retried_round_with_other_samples_is_a_new_charged_release(grid, party_state):
+    images, labels = gan_samples()
+    first = send(grid, encode_sample_request(round_request(), images, labels), "train.fed_gswgan")
+    again = send(grid, encode_sample_request(round_request(), images, labels), "train.fed_gswgan")
+    assert torch.equal(first.content.array_records["gradients"].to_torch_state_dict()["gradients"],
+                       again.content.array_records["gradients"].to_torch_state_dict()["gradients"])  # fmt: skip
+    other = send(grid, encode_sample_request(round_request(), images.flip(-1), labels), "train.fed_gswgan")
+    gradients = [m.content.array_records["gradients"].to_torch_state_dict()["gradients"] for m in (first, other)]
+    assert not torch.equal(*gradients)  # computed for the new samples, not the cached ones
+    assert len(Ledger(party_dir(0, party_state), "mnist").entries()) == 2
+    assert dict(other.content.config_records["privacy"])["releases"] == 2
+
+
+def test_concurrent_requests_cannot_spend_one_budget_twice(grid, party_state, monkeypatch):
+    """Four requests at once for a budget of one release: exactly one is answered."""
+    monkeypatch.setattr(Ledger, "_write", _slow_write(Ledger._write))
+    outcomes: list[object] = []
+
+    def ask() -> None:
+        try:
+            outcomes.append(send(grid, encode_train_request(stage_request())))
+        except Refused as err:
+            outcomes.append(err)
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    answered = [o for o in outcomes if isinstance(o, Message)]
+    assert len(answered) == 1 and sum(isinstance(o, Refused) for o in outcomes) == 3
+    assert decode_reply(answered[0].content).images is not None
+    entries = Ledger(party_dir(0, party_state), "mnist").entries()
+    assert len(entries) == 1 and entries[0].status == "released"
+
+
+def _slow_write(write):
+    """A slow disk: the window between reading the ledger and writing it is wide open for a race."""
+
+    def slowly(self, entries):
+        time.sleep(0.5)
+        write(self, entries)
+
+    return slowly
+
+
+def _reserve_in_another_process(home: str, start, results) -> None:
+    Ledger._write = _slow_write(Ledger._write)
+    record = private_record(8.0, 1e-5, 1.0, 1)
+    start.wait(timeout=60)
+    try:
+        Ledger(Path(home), "mnist").reserve(record, ONE_RUN, method="dpmerf", purpose="race")
+        results.put("reserved")
+    except Refused:
+        results.put("refused")
+
+
+def test_processes_racing_for_the_last_release_spend_it_once(tmp_path):
+    """Across processes (and restarts) the file lock and the ledger on disk decide, not memory."""
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Event(), context.Queue()
+    workers = [context.Process(target=_reserve_in_another_process, args=(str(tmp_path), start, results))
+               for _ in range(3)]  # fmt: skip
+    for worker in workers:
+        worker.start()
+    time.sleep(3)  # let every worker import and wait at the start line
+    start.set()
+    for worker in workers:
+        worker.join(timeout=120)
+    outcomes = sorted(results.get(timeout=10) for _ in workers)
+    assert outcomes == ["refused", "refused", "reserved"]  # two eps-8 releases compose to 12.2 > 10
+    assert len(Ledger(tmp_path, "mnist").entries()) == 1
+
+
+def test_the_lifetime_ledger_composes_a_continual_stage_federated_rounds_and_a_generate_run(
+    grid, party_state, data_dir
+):
+    home = party_dir(0, party_state)
+    policy = PartyPolicy(epsilon=14.0, delta=1e-5, max_run_epsilon=10.0, dataset="mnist", share=SHARE)
+    policy.write(home / "policy.yaml")
+    assert not send(grid, encode_train_request(stage_request(epsilon=4.0))).has_error()  # continual, DP-Merf
+    for round_index in range(2):  # federated GAN: 2 rounds of an eps-8 plan
+        request = replace(round_request(round_index=round_index), epsilon=8.0)
+        assert not send(grid, encode_sample_request(request, *gan_samples()), "train.fed_gswgan").has_error()
+    generate = [
+        sys.executable, "-m", "fedpsg.generate", "--method", "psg", "--dataset", "mnist", "--classes", "5,6",
+        "--eps", "5", "--profile", "tiny", "--set", "psg.iterations=1", "--no-eval",
+        "--data-dir", str(data_dir), "--out", str(party_state / "generated"), "--party-dir", str(home),
+    ]  # fmt: skip
+    result = subprocess.run(generate, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    entries = Ledger(home, "mnist").entries()
+    assert [e.method for e in entries] == ["dpmerf", "fed-gswgan", "fed-gswgan", "psg"]
+    assert all(e.status == "released" for e in entries)
+    # The same mixed sequence through an independent accountant.
+    accountant = rdp.RdpAccountant(orders=[1 + x / 20 for x in range(1, 200)] + list(range(11, 512)))
+    for entry in entries:
+        p = entry.privacy
+        event = dp_event.GaussianDpEvent(p.noise_multiplier)
+        if p.sample_rate < 1:
+            event = dp_event.PoissonSampledDpEvent(p.sample_rate, event)
+        accountant.compose(event, count=p.steps)
+    expected = accountant.get_epsilon(1e-5)
+    spent = Ledger(home, "mnist").spent(1e-5)
+    assert spent == pytest.approx(expected, rel=0.01)
+    assert spent < 4.0 + 8.0 + 5.0  # composed, not added: below the sum of the parts
+
+    # What is left decides: a request that would cross the lifetime budget is refused.
+    left = policy.epsilon - spent
+    with pytest.raises(Refused, match=f"{left:.4g} is left"):
+        send(grid, encode_train_request(stage_request(epsilon=10.0)))
+
+
+def test_the_ledger_command_shows_and_resets_only_when_asked(party_state, capsys):
+    home = party_dir(0, party_state)
+    ONE_RUN.write(home / "policy.yaml")
+    Ledger(home, "mnist").reserve(private_record(4.0, 1e-5, 1.0, 1), ONE_RUN, method="dpmerf", purpose="stage 1")
+    assert ledger_main([str(home)]) == 0
+    shown = capsys.readouterr().out
+    assert "stage 1: dpmerf" in shown and "budget: epsilon 10" in shown and "left: 6.0" in shown
+    with pytest.raises(SystemExit):
+        ledger_main([str(home), "--reset"])  # which ledger: must be said
+    assert len(Ledger(home, "mnist").entries()) == 1
+    assert ledger_main([str(home), "--reset", "--dataset", "mnist"]) == 0
+    assert Ledger(home, "mnist").entries() == []
+
+
+def test_a_policy_is_read_from_the_party_side_only(tmp_path, monkeypatch):
+    (tmp_path / "policy.yaml").write_text("epsilon: 3\nmethods: [psg]\n")
+    assert load_policy(None, tmp_path).epsilon == 3.0
+    monkeypatch.setenv("FEDPSG_PARTY_POLICY", str(tmp_path / "missing.yaml"))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_policy(None, tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="unknown policy keys"):
+        PartyPolicy.from_dict({"epsilon": 3, "budget": 4})
+    with pytest.raises(ValueError, match="finite"):
+        PartyPolicy(epsilon=math.inf)
+    assert PartyPolicy().trust_coordinator is False  # the default answers private requests only
+
+
+def test_rdp_composition_of_runs_stays_within_basic_composition():
+    """The simulated parties get (k eps, k delta) for k runs of eps: the ledger's RDP total must fit it."""
+    for epsilon in (1.0, 10.0):
+        runs = [
+            private_record(epsilon, 1e-5, 128 / 12000, 1000),  # a PSG-like run
+            private_record(epsilon, 1e-5, 1 / 94, 235),  # DP-SGD
+            private_record(epsilon, 1e-5, 1.0, 1),  # DP-Merf
+            private_record(epsilon, 1e-5, 0.01, 1000),  # dpdm
+        ]
+        assert composed_epsilon(runs, 4e-5) <= 4 * epsilon
