@@ -3,6 +3,10 @@
     python -m fedpsg.audit RUN_DIR                       # memorisation report of a finished run
     python -m fedpsg.audit --method psg --dataset fmnist --classes 5,6 --eps 10 [--canaries 200]
 
+A fresh audit reads the party's data: every run (the audited one and its controls) is charged to
+the lifetime ledger in ``--party-dir`` (default ``<party state dir>/local``), the controls as
+non-private runs.
+
 The first form measures, for every released set of the run (``RUN_DIR/sets``), how close its
 images are to the party's training images against equally many held-out test images
 (:mod:`fedpsg.memorisation`). The second runs one party's method with canaries and turns the
@@ -37,8 +41,10 @@ from fedpsg.data import (
 )
 from fedpsg.evaluation import new_classifier
 from fedpsg.files import strict_json
+from fedpsg.ledger import Ledger
 from fedpsg.memorisation import measure_memorisation, save_nearest_pairs
 from fedpsg.methods import PartyStage, method_names
+from fedpsg.policy import Refused, default_state_dir, load_policy
 from fedpsg.synthetic import SyntheticSet
 
 log = logging.getLogger("fedpsg.audit")
@@ -56,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}"
     )
     add_common_arguments(parser)
+    parser.add_argument(
+        "--party-dir", type=Path, default=None, help="the party's folder: policy and lifetime ledger (default: local)"
+    )
     parser.add_argument(
         "--out", type=Path, default=None,
         help="output folder, outside RUN_DIR (default RUN_DIR.private-audit or runs/audit-...); holds private data",
@@ -131,6 +140,14 @@ def audit_fresh_run(args: argparse.Namespace, out: Path) -> dict:
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; available: {', '.join(VARIANTS)}")
 
+    # The audited runs read the party's data: each is charged to its lifetime ledger, checked first.
+    home = args.party_dir or default_state_dir() / "local"
+    policy = load_policy(None, home)
+    what = f"audit of {method.name} on classes {args.classes}"
+    policy.check_request("this party", what, method=method.name, private=True, epsilon=epsilon, delta=delta,
+                         dataset=spec.name)  # fmt: skip
+    policy.check_classes("this party", what, args.classes)
+    ledger = Ledger(home, spec.name)
     train = load_images(spec.name, train=True, data_dir=args.data_dir).only_classes(args.classes)
     test = load_images(spec.name, train=False, data_dir=args.data_dir)
     # The auditor's randomness (which canaries, which are in, which real images) is public: the
@@ -152,7 +169,7 @@ def audit_fresh_run(args: argparse.Namespace, out: Path) -> dict:
     )  # fmt: skip
     runs: list[AuditRun] = []
     for variant in variants:
-        runs.append(run_audit(method, config, stage, canaries, evaluation, variant))
+        runs.append(run_audit(method, config, stage, canaries, evaluation, variant, ledger, policy))
         log.info(
             "%s: empirical epsilon >= %.3f (%.0f s)", variant, runs[-1].bound["epsilon_lower_bound"], runs[-1].seconds
         )
@@ -238,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"audit-{args.method}-{args.dataset}-eps{format_epsilon(epsilon)}"
             report = audit_fresh_run(args, args.out or Path("runs") / name)
             return 0 if not report["verdict"].startswith("VIOLATION") else 1
-    except DataNotFoundError as err:
+    except (DataNotFoundError, Refused) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except ValueError as err:

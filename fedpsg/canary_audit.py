@@ -46,7 +46,10 @@ from torch.nn import functional as F
 import fedpsg.privacy
 from fedpsg.data import DatasetSpec, ImageSet
 from fedpsg.evaluation import EvalConfig, new_classifier, train_classifier
+from fedpsg.ledger import Ledger
 from fedpsg.methods import Method, PartyStage, Release
+from fedpsg.party import charged_run
+from fedpsg.policy import PartyPolicy
 from fedpsg.synthetic import to_pixels
 
 CONFIDENCE = 0.95
@@ -231,8 +234,14 @@ def run_audit(
     canaries: Canaries,
     evaluation: EvalConfig,
     variant: str = "private",
+    ledger: Ledger | None = None,
+    policy: PartyPolicy | None = None,
 ) -> AuditRun:
-    """Run ``method`` once on ``stage.data`` plus the included canaries and bound its epsilon."""
+    """Run ``method`` once on ``stage.data`` plus the included canaries and bound its epsilon.
+
+    With ``ledger`` and ``policy`` (the party's, when it audits its own data) the run is charged
+    like any other release; the controls are written down as non-private runs.
+    """
     if variant not in VARIANTS:
         raise ValueError(f"unknown audit variant {variant!r}; available: {', '.join(VARIANTS)}")
     epsilon = math.inf if variant == "non-private" else stage.epsilon
@@ -244,7 +253,9 @@ def run_audit(
         label=f"{stage.label} [{variant}]",
     )
     started = time.perf_counter()
-    if variant == "noise-removed":
+    if ledger is not None and policy is not None:
+        release = _charged_audit_run(method, config, audited, variant, ledger, policy)
+    elif variant == "noise-removed":
         with noise_removed():
             release = method.run(audited, config)
     else:
@@ -252,6 +263,26 @@ def run_audit(
     scores = canary_scores(release, canaries, stage.spec, evaluation, stage.device, stage.seed)
     bound = bound_from_scores(scores, canaries.included, stage.delta)
     return AuditRun(variant, release.privacy.epsilon, bound, time.perf_counter() - started, release)
+
+
+def _charged_audit_run(
+    method: Method, config, audited: PartyStage, variant: str, ledger: Ledger, policy: PartyPolicy
+) -> Release:
+    purpose = f"audit of {method.name} ({variant})"
+    if variant == "private":
+        return charged_run(method, audited, config, ledger, policy, purpose)
+    # A control reads the data without (enough) noise. Its release stays with the auditor, who is the
+    # party itself, so it needs no trust in a coordinator; it is recorded as what it is: non-private.
+    planned = method.plan(replace(audited, epsilon=math.inf), config)
+    entry = ledger.reserve(planned, replace(policy, trust_coordinator=True), method=method.name,
+                           purpose=purpose)  # fmt: skip
+    if variant == "noise-removed":
+        with noise_removed():
+            release = method.run(audited, config)
+    else:
+        release = method.run(audited, config)
+    ledger.mark_released(entry)
+    return release
 
 
 def verdict(runs: list[AuditRun]) -> str:

@@ -98,9 +98,13 @@ class Coordinator:
         (self.out / "DONE").unlink(missing_ok=True)  # written again only if this run completes
         with run_log(self.out / "run.log"):
             parties.discover(list(range(settings.num_partitions)), settings.reconnect_timeout)
-            for method in settings.methods:
-                for stage, classes in enumerate(settings.stages, start=1):
-                    self._run_stage(parties, method, stage, classes)
+            try:
+                for method in settings.methods:
+                    for stage, classes in enumerate(settings.stages, start=1):
+                        self._run_stage(parties, method, stage, classes)
+            except PartyError as err:  # e.g. a party refused: what was released so far stays on disk
+                log.error("%s; the finished stages are kept in %s (re-run with it to resume)", err, self.out)
+                raise
             rows = self.rows()
             if rows:
                 print(accuracy_table(pd.DataFrame(rows)).to_string(), flush=True)

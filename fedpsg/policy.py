@@ -110,10 +110,10 @@ class PartyPolicy:
                 values[key] = list(values[key])
         return values
 
-    def write(self, path: str | Path) -> Path:
+    def write(self, path: str | Path, header: str = "") -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        path.write_text(header + yaml.safe_dump(self.to_dict(), sort_keys=False))
         return path
 
     def check_request(

@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     for settings in runs:
         simulate(settings, args.ray_address, args.party_cpus, args.party_gpus, args.trust_coordinator)
         if not (settings.out / "DONE").exists():
-            print(f"error: the run did not complete; see {settings.out / 'run.log'}", file=sys.stderr)
+            log = settings.out / "run.log"
+            errors = [line for line in log.read_text().splitlines() if " ERROR " in line] if log.exists() else []
+            print(f"error: the run did not complete; see {log}", *errors[-1:], sep="\n", file=sys.stderr)
             return 1
         print(f"results in {settings.out}: results.csv, summary.json, accuracy.png, report.md, grids/")
     return 0

@@ -13,24 +13,27 @@ from pathlib import Path
 
 from fedpsg.config import RunSettings
 from fedpsg.federated_gan.config import FedGANSettings
-from fedpsg.policy import DataShare, PartyPolicy, party_dir
+from fedpsg.policy import POLICY_FILE, DataShare, PartyPolicy, load_policy, party_dir
 
 NON_PRIVATE_METHODS = ("fedavg-gan",)
+WRITTEN_BY_SIMULATION = "# written by the simulation for a virtual party: rewritten when the run resumes\n"
 TRUST_HELP = "the simulated parties trust the coordinator: they also answer non-private requests (eps inf, fedavg-gan)"
 
 
-def party_policies(settings: RunSettings | FedGANSettings, trust_coordinator: bool = False) -> list[PartyPolicy]:
-    """What each virtual party allows: its own share of the data, the run's methods at most at the
-    run's epsilon each, and a lifetime budget of one run per private method (basic composition's
+def party_policies(
+    settings: RunSettings | FedGANSettings, trust_coordinator: bool = False, methods: list[str] | None = None
+) -> list[PartyPolicy]:
+    """What each virtual party allows: its own share of the data, ``methods`` (default: the run's) at most
+    at the run's epsilon each, and a lifetime budget of one run per private method (basic composition's
     (k eps, k delta), which the ledger's RDP composition of k such runs stays within)."""
-    private = [m for m in settings.methods if m not in NON_PRIVATE_METHODS]
-    runs = max(1, len(private))
+    methods = list(methods or settings.methods)
+    runs = max(1, len([m for m in methods if m not in NON_PRIVATE_METHODS]))
     finite = not math.isinf(settings.epsilon)
     common = dict(
         epsilon=runs * settings.epsilon if finite else 1.0,
         delta=min(0.5, runs * settings.delta),
         max_run_epsilon=settings.epsilon if finite else None,
-        methods=tuple(settings.methods),
+        methods=tuple(methods),
         trust_coordinator=trust_coordinator,
         dataset=settings.scenario.dataset,
     )
@@ -43,8 +46,9 @@ def party_policies(settings: RunSettings | FedGANSettings, trust_coordinator: bo
 def prepare_parties(settings: RunSettings | FedGANSettings, trust_coordinator: bool = False) -> Path:
     """Write the virtual parties' policies under ``<out>/parties`` and return that state folder.
 
-    An existing policy is kept (a resumed run's parties keep what they allowed); refuse early, with
-    the switch to use, a run its parties would refuse."""
+    A policy the simulation wrote before (its first line says so) grows with a resumed run that adds
+    methods: every method run in the folder keeps its budget. Any other policy found there is the
+    user's and is kept as it is. A run its parties would refuse as non-private fails here, early."""
     non_private = [m for m in settings.methods if m in NON_PRIVATE_METHODS]
     if math.isinf(settings.epsilon):
         non_private = settings.methods
@@ -54,8 +58,13 @@ def prepare_parties(settings: RunSettings | FedGANSettings, trust_coordinator: b
             "--trust-coordinator (or leave it out with --methods)"
         )
     state_dir = (settings.out / "parties").resolve()
-    for partition, policy in enumerate(party_policies(settings, trust_coordinator)):
-        path = party_dir(partition, state_dir) / "policy.yaml"
-        if not path.exists():
-            policy.write(path)
+    paths = [party_dir(p, state_dir) / POLICY_FILE for p in range(settings.num_partitions)]
+    methods = list(settings.methods)
+    for path in paths:
+        if path.exists() and path.read_text().startswith(WRITTEN_BY_SIMULATION):
+            earlier = load_policy(str(path)).methods or ()
+            methods += [m for m in earlier if m not in methods]
+    for path, policy in zip(paths, party_policies(settings, trust_coordinator, methods)):
+        if not path.exists() or path.read_text().startswith(WRITTEN_BY_SIMULATION):
+            policy.write(path, header=WRITTEN_BY_SIMULATION)
     return state_dir

@@ -18,6 +18,7 @@ from fedpsg.canary_audit import (
     p_value,
 )
 from fedpsg.data import ImageSet
+from fedpsg.ledger import Ledger
 from fedpsg.privacy import gaussian_mechanism
 from fedpsg.secret import SecretRandomness
 
@@ -94,7 +95,7 @@ def test_noise_removed_turns_every_mechanism_off_and_back_on():
     assert 0.9 < float((released - value).std()) < 1.1
 
 
-def test_fresh_audit_writes_its_report(tmp_path, data_dir, single_thread):
+def test_fresh_audit_writes_its_report(tmp_path, data_dir, single_thread, party_state):
     out = tmp_path / "audit"
     argv = ["--method", "dpmerf", "--dataset", "mnist", "--classes", "5,6", "--eps", "1", "--profile", "tiny",
             "--canaries", "40", "--real", "200", "--variants", "private,noise-removed",
@@ -108,6 +109,13 @@ def test_fresh_audit_writes_its_report(tmp_path, data_dir, single_thread):
     assert report["real_images"] == 200 and report["canaries"] == 40
     assert {m["stage"] for m in report["memorisation"]} == {"private", "noise-removed"}
     assert "Verdict" in (out / "audit.md").read_text()
+    # Both runs read the party's data: both are in its lifetime ledger, the control as non-private.
+    entries = Ledger(party_state / "local", "mnist").entries()
+    assert [(e.purpose, e.private) for e in entries] == [
+        ("audit of dpmerf (private)", True),
+        ("audit of dpmerf (noise-removed)", False),
+    ]
+    assert entries[0].privacy.epsilon == pytest.approx(1.0, rel=1e-3) and entries[1].privacy.noise_multiplier == 0
 
 
 @pytest.mark.slow

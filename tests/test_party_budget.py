@@ -22,17 +22,19 @@ import torch
 from dp_accounting import dp_event, rdp
 from flwr.app import Message
 
-from fedpsg.data import dataset_spec
+from fedpsg.config import resolve_settings
+from fedpsg.data import dataset_spec, load_images
 from fedpsg.evaluation import new_classifier
 from fedpsg.federated_gan.config import PRESETS
 from fedpsg.federated_gan.party import BudgetSpent
 from fedpsg.federated_gan.protocol import RoundRequest, encode_model_request, encode_sample_request
 from fedpsg.ledger import Ledger, composed_epsilon
 from fedpsg.ledger import main as ledger_main
-from fedpsg.methods import get_method
+from fedpsg.methods import PartyStage, get_method
 from fedpsg.policy import DataShare, PartyPolicy, Refused, load_policy, party_dir
 from fedpsg.privacy import private_record
 from fedpsg.protocol import TrainRequest, decode_reply, encode_train_request
+from fedpsg.simulated_parties import party_policies, prepare_parties
 from tests.conftest import REPO
 from tests.inprocess import InProcessGrid, patch_task_identity
 
@@ -265,13 +267,61 @@ def test_a_policy_is_read_from_the_party_side_only(tmp_path, monkeypatch):
     assert PartyPolicy().trust_coordinator is False  # the default answers private requests only
 
 
-def test_rdp_composition_of_runs_stays_within_basic_composition():
-    """The simulated parties get (k eps, k delta) for k runs of eps: the ledger's RDP total must fit it."""
-    for epsilon in (1.0, 10.0):
-        runs = [
-            private_record(epsilon, 1e-5, 128 / 12000, 1000),  # a PSG-like run
-            private_record(epsilon, 1e-5, 1 / 94, 235),  # DP-SGD
-            private_record(epsilon, 1e-5, 1.0, 1),  # DP-Merf
-            private_record(epsilon, 1e-5, 0.01, 1000),  # dpdm
-        ]
-        assert composed_epsilon(runs, 4e-5) <= 4 * epsilon
+@pytest.mark.parametrize(
+    "scenario, profile, epsilon",
+    [
+        ("split_mnist", "cpu", 10.0),
+        ("split_fmnist", "cpu", 1.0),
+        pytest.param("split_fmnist", "paper", 10.0, marks=pytest.mark.slow),
+    ],
+)
+def test_the_default_comparison_fits_the_simulated_and_the_demo_policies(scenario, profile, epsilon, data_dir):
+    """Every party's plans for the scenario's four methods, on its real data, composed by the ledger."""
+    settings = resolve_settings(scenario, epsilon=epsilon, profile=profile, data_dir=str(data_dir))
+    demo = load_policy(str(REPO / "policies" / "demo.yaml"))
+    train = load_images(settings.scenario.dataset, train=True, data_dir=str(data_dir))
+    spec = dataset_spec(settings.scenario.dataset)
+    for policy, classes in zip(party_policies(settings), settings.scenario.stages):
+        stage = PartyStage(train.only_classes(classes), classes, spec, epsilon, settings.delta, 0, torch.nn.Identity())
+        plans = [get_method(m).plan(stage, settings.configs[m]) for m in settings.methods]
+        assert len(plans) == 4 and all(p.epsilon <= epsilon for p in plans)
+        assert composed_epsilon(plans, policy.delta) <= policy.epsilon  # the simulation's parties
+        assert composed_epsilon(plans, demo.delta) <= demo.epsilon  # docker compose / deploy
+        assert composed_epsilon(plans, policy.delta) > epsilon  # the plans are real: more than one run
+
+
+@pytest.mark.slow
+def test_the_flower_simulation_reports_a_refusal_and_keeps_what_was_released(tmp_path, data_dir):
+    """Through Flower on Ray: party 1 allows at most eps 1 per run, the coordinator asks for 10."""
+    out = tmp_path / "run"
+    PartyPolicy(epsilon=1.0, delta=1e-5, dataset="mnist").write(party_dir(1, out / "parties") / "policy.yaml")
+    command = [
+        sys.executable, "-m", "fedpsg.simulate", "--scenario", "split_mnist", "--methods", "dpmerf",
+        "--profile", "tiny", "--stages", "2", "--eps", "10", "--out", str(out), "--data-dir", str(data_dir),
+        "--set", "dpmerf.generator_steps=10", "evaluation.epochs=5", "evaluation.num_evals=1",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    refusal = "party 1 refuses dpmerf stage 2 (method dpmerf, epsilon 10, delta 1e-05): one run may cost at most"
+    assert refusal in result.stderr  # the coordinator's error names the party, what was asked and the limit
+    assert refusal in (out / "run.log").read_text()
+    assert (out / "sets" / "dpmerf" / "stage1.pt").exists()  # stage 1's release is kept
+    assert not (out / "DONE").exists()
+    parties = out / "parties"
+    assert len(Ledger(party_dir(0, parties), "mnist").entries()) == 1
+    assert not (party_dir(1, parties) / "ledger-mnist.json").exists()  # refused before anything was written
+    assert "max_run_epsilon: 10" in (party_dir(0, parties) / "policy.yaml").read_text()  # written by the launcher
+
+
+def test_a_resumed_simulation_with_more_methods_keeps_every_methods_budget_and_the_users_policy(tmp_path):
+    first = resolve_settings("split_mnist", methods=["psg"], profile="tiny", out=tmp_path)
+    state = prepare_parties(first)
+    assert load_policy(None, party_dir(0, state)).methods == ("psg",)
+    strict = PartyPolicy(epsilon=1.0, methods=("psg",))
+    strict.write(party_dir(1, state) / "policy.yaml")  # the user's own: kept as it is
+    state = prepare_parties(resolve_settings("split_mnist", methods=["dpsgd", "dpmerf"], profile="tiny", out=tmp_path))
+    grown = load_policy(None, party_dir(0, state))
+    assert set(grown.methods) == {"psg", "dpsgd", "dpmerf"} and grown.epsilon == 30.0 and grown.classes == (5, 6)
+    assert load_policy(None, party_dir(1, state)) == strict
+    with pytest.raises(ValueError, match="--trust-coordinator"):
+        prepare_parties(resolve_settings("split_mnist", epsilon=math.inf, profile="tiny", out=tmp_path))
