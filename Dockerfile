@@ -49,7 +49,7 @@ RUN set -eu; \
     getent passwd 1000 >/dev/null || useradd --uid 1000 --user-group --no-create-home --home-dir /home/fedpsg fedpsg; \
     mkdir -p /home/fedpsg /results /state /certificates; \
     chown 1000:1000 /home/fedpsg /results /state; \
-    chmod 1777 /home/fedpsg
+    chmod 1777 /home/fedpsg /state  # any FEDPSG_UID can keep its party folder (ledger) in /state
 ENV HOME=/home/fedpsg USER=fedpsg LOGNAME=fedpsg
 COPY scripts/container_entrypoint.sh /usr/local/bin/fedpsg-entrypoint
 

@@ -44,10 +44,10 @@ def _partition(context: Context) -> tuple[int, int]:
     return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
 
 
-def _home(context: Context) -> tuple[Path, PartyPolicy]:
-    """The party's folder and the policy it reads there (never from the request)."""
-    home = party_dir(_partition(context)[0], context.node_config.get("state-dir") or None)
-    return home, load_policy(context.node_config.get("policy") or None, home)
+def _folder_and_policy(context: Context) -> tuple[Path, PartyPolicy]:
+    """The party's folder and the policy it reads (node config, its folder, environment; never the request)."""
+    folder = party_dir(_partition(context)[0], context.node_config.get("state-dir") or None)
+    return folder, load_policy(context.node_config.get("policy") or None, folder)
 
 
 @app.query("whoami")
@@ -63,11 +63,11 @@ def train(msg: Message, context: Context) -> Message:
     # node config torch-threads or FEDPSG_TORCH_THREADS set fewer (a machine shared with other work).
     threads = context.node_config.get("torch-threads") or os.environ.get("FEDPSG_TORCH_THREADS") or os.cpu_count()
     torch.set_num_threads(int(threads or 1))
-    home, policy = _home(context)
+    folder, policy = _folder_and_policy(context)
     reply = run_stage(
         decode_train_request(msg.content),
         _partition(context)[0],
-        home=home,
+        party_folder=folder,
         policy=policy,
         data_dir=context.node_config.get("data-dir") or None,
         device=str(context.node_config.get("device", default_device())),
@@ -85,10 +85,9 @@ def fed_gswgan(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)  # the round's parties run side by side
     request, images, labels = decode_sample_request(msg.content)
     _check_partition(request.partition, context)
-    home, policy = _home(context)
-    reply = gan_party.answer_samples(
-        request, images, labels, home=home, policy=policy, data_dir=context.node_config.get("data-dir") or None
-    )
+    folder, policy = _folder_and_policy(context)
+    data_dir = context.node_config.get("data-dir") or None
+    reply = gan_party.answer_samples(request, images, labels, party_folder=folder, policy=policy, data_dir=data_dir)
     return Message(encode_gradient_reply(reply), reply_to=msg)
 
 
@@ -97,8 +96,7 @@ def fedavg_gan(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     request, generator, critic = decode_model_request(msg.content)
     _check_partition(request.partition, context)
-    home, policy = _home(context)
-    reply = gan_party.answer_models(
-        request, generator, critic, home=home, policy=policy, data_dir=context.node_config.get("data-dir") or None
-    )
+    folder, policy = _folder_and_policy(context)
+    data_dir = context.node_config.get("data-dir") or None
+    reply = gan_party.answer_models(request, generator, critic, party_folder=folder, policy=policy, data_dir=data_dir)
     return Message(encode_model_reply(reply), reply_to=msg)

@@ -141,13 +141,13 @@ def audit_fresh_run(args: argparse.Namespace, out: Path) -> dict:
         raise ValueError(f"unknown variants {sorted(unknown)}; available: {', '.join(VARIANTS)}")
 
     # The audited runs read the party's data: each is charged to its lifetime ledger, checked first.
-    home = args.party_dir or default_state_dir() / "local"
-    policy = load_policy(None, home)
+    folder = args.party_dir or default_state_dir() / "local"
+    policy = load_policy(None, folder)
     what = f"audit of {method.name} on classes {args.classes}"
     policy.check_request("this party", what, method=method.name, private=True, epsilon=epsilon, delta=delta,
                          dataset=spec.name)  # fmt: skip
     policy.check_classes("this party", what, args.classes)
-    ledger = Ledger(home, spec.name)
+    ledger = Ledger(folder, spec.name)
     train = load_images(spec.name, train=True, data_dir=args.data_dir).only_classes(args.classes)
     test = load_images(spec.name, train=False, data_dir=args.data_dir)
     # The auditor's randomness (which canaries, which are in, which real images) is public: the
@@ -169,7 +169,7 @@ def audit_fresh_run(args: argparse.Namespace, out: Path) -> dict:
     )  # fmt: skip
     runs: list[AuditRun] = []
     for variant in variants:
-        runs.append(run_audit(method, config, stage, canaries, evaluation, variant, ledger, policy))
+        runs.append(run_audit(method, config, stage, canaries, evaluation, ledger, policy, variant))
         log.info(
             "%s: empirical epsilon >= %.3f (%.0f s)", variant, runs[-1].bound["epsilon_lower_bound"], runs[-1].seconds
         )

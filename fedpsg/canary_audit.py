@@ -35,8 +35,9 @@ import copy
 import math
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from typing import Any
 from unittest import mock
 
 import opacus.optimizers.optimizer as opacus_optimizer
@@ -229,18 +230,18 @@ class AuditRun:
 
 def run_audit(
     method: Method,
-    config,
+    config: Any,
     stage: PartyStage,
     canaries: Canaries,
     evaluation: EvalConfig,
+    ledger: Ledger,
+    policy: PartyPolicy,
     variant: str = "private",
-    ledger: Ledger | None = None,
-    policy: PartyPolicy | None = None,
 ) -> AuditRun:
     """Run ``method`` once on ``stage.data`` plus the included canaries and bound its epsilon.
 
-    With ``ledger`` and ``policy`` (the party's, when it audits its own data) the run is charged
-    like any other release; the controls are written down as non-private runs.
+    The run reads the party's data, so it is charged to the party's ``ledger`` like any other release;
+    a control (noise removed, non-private) is written down as a non-private run.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown audit variant {variant!r}; available: {', '.join(VARIANTS)}")
@@ -252,37 +253,21 @@ def run_audit(
         model=copy.deepcopy(stage.model),  # a method may finetune it in place (DP-SGD)
         label=f"{stage.label} [{variant}]",
     )
+    purpose = f"audit of {method.name} ({variant})"
     started = time.perf_counter()
-    if ledger is not None and policy is not None:
-        release = _charged_audit_run(method, config, audited, variant, ledger, policy)
-    elif variant == "noise-removed":
-        with noise_removed():
-            release = method.run(audited, config)
+    if variant == "private":
+        release = charged_run(method, audited, config, ledger, policy, purpose)
     else:
-        release = method.run(audited, config)
+        # A control's output stays with the auditor, who is the party itself: no coordinator's trust is
+        # needed, but it did read the data without (enough) noise, and is recorded as what it is.
+        planned = method.plan(replace(audited, epsilon=math.inf), config)
+        control = replace(policy, trust_coordinator=True)
+        broken = noise_removed() if variant == "noise-removed" else nullcontext()
+        with ledger.release(planned, control, method=method.name, purpose=purpose), broken:
+            release = method.run(audited, config)
     scores = canary_scores(release, canaries, stage.spec, evaluation, stage.device, stage.seed)
     bound = bound_from_scores(scores, canaries.included, stage.delta)
     return AuditRun(variant, release.privacy.epsilon, bound, time.perf_counter() - started, release)
-
-
-def _charged_audit_run(
-    method: Method, config, audited: PartyStage, variant: str, ledger: Ledger, policy: PartyPolicy
-) -> Release:
-    purpose = f"audit of {method.name} ({variant})"
-    if variant == "private":
-        return charged_run(method, audited, config, ledger, policy, purpose)
-    # A control reads the data without (enough) noise. Its release stays with the auditor, who is the
-    # party itself, so it needs no trust in a coordinator; it is recorded as what it is: non-private.
-    planned = method.plan(replace(audited, epsilon=math.inf), config)
-    entry = ledger.reserve(planned, replace(policy, trust_coordinator=True), method=method.name,
-                           purpose=purpose)  # fmt: skip
-    if variant == "noise-removed":
-        with noise_removed():
-            release = method.run(audited, config)
-    else:
-        release = method.run(audited, config)
-    ledger.mark_released(entry)
-    return release
 
 
 def verdict(runs: list[AuditRun]) -> str:

@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     default_out = f"generate-{method.name}-{spec.name}-{'-'.join(map(str, classes))}-eps{format_epsilon(epsilon)}"
     out = args.out or Path("runs") / default_out
-    home = args.party_dir or default_state_dir() / "local"
+    folder = args.party_dir or default_state_dir() / "local"
     what = f"generate {method.name} on classes {classes}"
     try:
-        policy = load_policy(None, home)
+        policy = load_policy(None, folder)
         policy.check_request(
             "this party", what, method=method.name, private=True, epsilon=epsilon, delta=delta, dataset=spec.name
         )
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         label=f"{method.name} {spec.name} {classes}",
     )
     try:
-        release = charged_run(method, stage, config, Ledger(home, spec.name), policy, what)
+        release = charged_run(method, stage, config, Ledger(folder, spec.name), policy, what)
     except Refused as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

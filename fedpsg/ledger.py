@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from opacus.accountants.analysis import rdp as rdp_analysis
 
+from fedpsg.data import dataset_spec
 from fedpsg.files import strict_json
 from fedpsg.policy import PartyPolicy, Refused, load_policy
 from fedpsg.privacy import RDP_ORDERS, PrivacyRecord
@@ -65,11 +66,12 @@ def composed_epsilon(records: list[PrivacyRecord], delta: float) -> float:
 class Entry:
     id: str
     time: str  # UTC, ISO 8601
-    purpose: str  # e.g. "psg stage 2 for run 'split_mnist-eps10'", "fed-gswgan round 7 of run 'x'"
+    purpose: str  # e.g. "psg stage 2 (classes [1, 2])", "fed-gswgan round 7 of run 'x'"
     method: str
     privacy: PrivacyRecord
     private: bool
     status: str = "reserved"  # reserved (written before computing) -> released
+    run: str = ""  # the run it belongs to, where a run spans several releases (federated GAN)
 
     def to_dict(self) -> dict:
         return strict_json({**asdict(self), "privacy": self.privacy.to_dict()})
@@ -80,22 +82,25 @@ class Entry:
         return cls(**{**values, "privacy": PrivacyRecord.from_dict(privacy)})
 
 
-class Ledger:
-    """The lifetime ledger of one party's data (``<party dir>/ledger-<dataset>.json``)."""
+def is_private(record: PrivacyRecord) -> bool:
+    return record.noise_multiplier > 0 and not math.isinf(record.epsilon)
 
-    def __init__(self, home: str | Path, dataset: str, who: str = "this party") -> None:
-        self.home, self.dataset, self.who = Path(home), dataset, who
-        self.path = self.home / f"ledger-{dataset}.json"
+
+class Ledger:
+    """The lifetime ledger of one party's data (``<party dir>/ledger-<dataset>.json``).
+
+    The dataset is named canonically (``MNIST``, ``mnist``: one ledger), so no spelling of a request
+    opens a fresh one.
+    """
+
+    def __init__(self, party_folder: str | Path, dataset: str, who: str = "this party") -> None:
+        self.folder, self.dataset, self.who = Path(party_folder), dataset_spec(dataset).name, who
+        self.path = self.folder / f"ledger-{self.dataset}.json"
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.home.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with exclusive_lock(self.path):
+            yield
 
     def entries(self) -> list[Entry]:
         if not self.path.exists():
@@ -109,51 +114,61 @@ class Ledger:
             file.flush()
             os.fsync(file.fileno())
         partial.replace(self.path)
+        folder = os.open(self.folder, os.O_RDONLY)  # the rename itself must survive a power loss
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
     def spent(self, delta: float, entries: list[Entry] | None = None) -> float:
         """Epsilon at ``delta`` of every private release so far."""
         entries = self.entries() if entries is None else entries
         return composed_epsilon([e.privacy for e in entries if e.private], delta)
 
-    def _refusal(self, entries: list[Entry], record: PrivacyRecord, policy: PartyPolicy, asked: str) -> str | None:
+    def releases(self, run: str) -> int:
+        """How many releases of ``run`` the ledger holds (a crash after the write still counts)."""
+        return sum(e.run == run for e in self.entries())
+
+    def _refusal(self, entries: list[Entry], record: PrivacyRecord, policy: PartyPolicy, method: str) -> str | None:
         """Why ``policy`` does not allow ``record`` after ``entries`` (None: it fits)."""
-        private = record.noise_multiplier > 0 and not math.isinf(record.epsilon)
-        if not private:
-            trusted = policy.trust_coordinator
-            return None if trusted else f"{asked}: it is not private and this party does not trust the coordinator"
-        if record.epsilon > policy.run_epsilon * (1 + 1e-9):
-            return f"{asked}: one run may cost at most epsilon {policy.run_epsilon:g}"
-        if record.delta > policy.delta:
-            return f"{asked}: delta above the party's {policy.delta:g}"
+        reason = policy.refusal(
+            method=method, private=is_private(record), epsilon=record.epsilon, delta=record.delta, dataset=self.dataset
+        )
+        if reason or not is_private(record):
+            return reason
         before = self.spent(policy.delta, entries)
         after = composed_epsilon([e.privacy for e in entries if e.private] + [record], policy.delta)
         if after > policy.epsilon * (1 + 1e-9):
             return (
-                f"{asked}: its lifetime budget on {self.dataset} is epsilon {policy.epsilon:g} at delta "
-                f"{policy.delta:g}; {len(entries)} releases have spent {before:.4g}, "
-                f"{policy.epsilon - before:.4g} is left, and this release would bring the total to {after:.4g}"
+                f"its lifetime budget on {self.dataset} is epsilon {policy.epsilon:g} at delta {policy.delta:g}; "
+                f"{len(entries)} releases have spent {before:.4g}, {policy.epsilon - before:.4g} is left, and "
+                f"this would bring the total to {after:.4g}"
             )
         return None
 
-    def _asked(self, record: PrivacyRecord, method: str, purpose: str) -> str:
-        return f"{self.who} refuses {purpose} (method {method}, epsilon {record.epsilon:.4g}, delta {record.delta:g})"
+    def _refuse(self, reason: str, record: PrivacyRecord, method: str, purpose: str) -> Refused:
+        asked = f"method {method}, epsilon {record.epsilon:.4g}, delta {record.delta:g}"
+        return Refused(f"{self.who} refuses {purpose} ({asked}): {reason}")
 
     def check(self, record: PrivacyRecord, policy: PartyPolicy, *, method: str, purpose: str) -> None:
-        """Raise :class:`Refused` if ``record`` would not fit now (writes nothing: a check before any data is read)."""
-        refusal = self._refusal(self.entries(), record, policy, self._asked(record, method, purpose))
-        if refusal:
-            raise Refused(refusal)
+        """Raise :class:`Refused` if ``record`` would not fit now; writes nothing (a check before any work)."""
+        reason = self._refusal(self.entries(), record, policy, method)
+        if reason:
+            raise self._refuse(reason, record, method, purpose)
 
-    def reserve(self, record: PrivacyRecord, policy: PartyPolicy, *, method: str, purpose: str) -> Entry:
+    def reserve(
+        self, record: PrivacyRecord, policy: PartyPolicy, *, method: str, purpose: str, run: str = ""
+    ) -> Entry:
         """Check a planned release against ``policy`` and write it down; raise :class:`Refused` if it does not fit."""
-        private = record.noise_multiplier > 0 and not math.isinf(record.epsilon)
         with self._locked():
             entries = self.entries()
-            refusal = self._refusal(entries, record, policy, self._asked(record, method, purpose))
-            if refusal:
-                raise Refused(refusal)
-            entry = Entry(uuid.uuid4().hex, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), purpose, method,
-                          record, private)  # fmt: skip
+            reason = self._refusal(entries, record, policy, method)
+            if reason:
+                raise self._refuse(reason, record, method, purpose)
+            entry = Entry(
+                uuid.uuid4().hex, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), purpose, method, record,
+                is_private(record), run=run,
+            )  # fmt: skip
             self._write([*entries, entry])
         return entry
 
@@ -161,9 +176,33 @@ class Ledger:
         with self._locked():
             self._write([replace(e, status="released") if e.id == entry.id else e for e in self.entries()])
 
+    @contextmanager
+    def release(
+        self, record: PrivacyRecord, policy: PartyPolicy, *, method: str, purpose: str, run: str = ""
+    ) -> Iterator[Entry]:
+        """Reserve ``record``, let the caller compute the release, then mark it released.
+
+        A failure inside leaves the entry reserved: it still counts, as the data may have been used.
+        """
+        entry = self.reserve(record, policy, method=method, purpose=purpose, run=run)
+        yield entry
+        self.mark_released(entry)
+
     def reset(self) -> None:
         with self._locked():
             self.path.unlink(missing_ok=True)
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock beside ``path`` (``<path>.lock``): across threads, processes and restarts.
+
+    The operating system releases it when the file closes, also when the process dies.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def describe(ledger: Ledger, policy: PartyPolicy) -> str:

@@ -40,10 +40,14 @@ class LocalParties:
 
     def send(self, request: TrainRequest, timeout: float) -> StageReply:
         received = decode_train_request(encode_train_request(request))  # as it would travel
-        home = party_dir(received.partition, self.state_dir)
-        policy = load_policy(None, home)
+        folder = party_dir(received.partition, self.state_dir)
         reply = run_stage(
-            received, received.partition, home=home, policy=policy, data_dir=self.data_dir, device=self.device
+            received,
+            received.partition,
+            party_folder=folder,
+            policy=load_policy(None, folder),
+            data_dir=self.data_dir,
+            device=self.device,
         )
         reply = decode_reply(encode_reply(reply))
         self.replies.append(reply)

@@ -30,12 +30,15 @@ def charged_run(
     purpose: str,
     secret: SecretRandomness | None = None,
 ) -> Release:
-    """Run ``method`` on ``stage`` after writing its planned cost to ``ledger`` (refused if it does not fit)."""
+    """Run ``method`` on ``stage`` after writing its planned cost to ``ledger`` (refused if it does not fit).
+
+    The plan uses only public facts (sizes, config, budget), so the refusal comes before the method
+    computes anything on the data.
+    """
     planned = method.plan(stage, config)
-    entry = ledger.reserve(planned, policy, method=method.name, purpose=purpose)
-    release = method.run(stage, config, secret)
-    _check_as_planned(method.name, planned, release.privacy)
-    ledger.mark_released(entry)
+    with ledger.release(planned, policy, method=method.name, purpose=purpose):
+        release = method.run(stage, config, secret)
+        _check_as_planned(method.name, planned, release.privacy)
     return release
 
 
@@ -55,14 +58,14 @@ def run_stage(
     request: TrainRequest,
     partition: int,
     *,
-    home: Path,
+    party_folder: Path,
     policy: PartyPolicy,
     data_dir: str | None = None,
     device: str = "cpu",
     secret: SecretRandomness | None = None,
     progress_interval: float = 10.0,
 ) -> StageReply:
-    """Answer ``request`` as the party holding ``partition``, whose folder ``home`` holds its ledgers.
+    """Answer ``request`` as the party holding ``partition``, whose folder holds its lifetime ledgers.
 
     ``secret`` defaults to fresh OS entropy.
     """
@@ -95,7 +98,7 @@ def run_stage(
         progress_interval=progress_interval,
         earlier=ImageSet(*request.earlier) if request.earlier is not None else None,
     )
-    ledger = Ledger(home, request.dataset, who)
+    ledger = Ledger(party_folder, request.dataset, who)
     release = charged_run(method, stage, config, ledger, policy, f"{what} (classes {request.classes})", secret)
     # A method that releases a set never trains the model on private data: it goes back as it came.
     model_state = release.model_state if method.releases == "model" else request.model_state

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from fedpsg.data import dataset_spec
 from fedpsg.privacy import validate_budget
 
 POLICY_ENV = "FEDPSG_PARTY_POLICY"
@@ -91,6 +92,8 @@ class PartyPolicy:
         if unknown:
             raise ValueError(f"unknown policy keys {sorted(unknown)}; known: {', '.join(sorted(names))}")
         values = dict(values)
+        if not isinstance(values.get("trust_coordinator", False), bool):  # "false" in quotes must not mean yes
+            raise ValueError(f"trust_coordinator must be true or false, got {values['trust_coordinator']!r}")
         for key in ("epsilon", "delta", "max_run_epsilon"):
             if values.get(key) is not None:
                 values[key] = float(values[key])
@@ -116,22 +119,28 @@ class PartyPolicy:
         path.write_text(header + yaml.safe_dump(self.to_dict(), sort_keys=False))
         return path
 
+    def refusal(self, *, method: str, private: bool, epsilon: float, delta: float, dataset: str) -> str | None:
+        """Why this policy does not allow one release or run (None: it does); only public facts are used."""
+        if not private or math.isinf(epsilon):
+            if not self.trust_coordinator:
+                return "it is not private and this party does not trust the coordinator"
+        elif epsilon > self.run_epsilon * (1 + 1e-9):
+            return f"one run may cost at most epsilon {self.run_epsilon:g}"
+        if delta > self.delta:
+            return f"delta above the party's {self.delta:g}"
+        if self.methods is not None and method not in self.methods:
+            return f"the party allows only {', '.join(self.methods)}"
+        if self.dataset is not None and dataset_spec(dataset).name != dataset_spec(self.dataset).name:
+            return f"the party holds {self.dataset}, not {dataset}"
+        return None
+
     def check_request(
         self, who: str, what: str, *, method: str, private: bool, epsilon: float, delta: float, dataset: str
     ) -> None:
         """Refuse a request this policy does not allow, before the party reads any private data."""
-        asked = f"{who} refuses {what} (method {method}, epsilon {epsilon:g}, delta {delta:g})"
-        if not private or math.isinf(epsilon):
-            if not self.trust_coordinator:
-                raise Refused(f"{asked}: it is not private and this party does not trust the coordinator")
-        elif epsilon > self.run_epsilon:
-            raise Refused(f"{asked}: one run may cost at most epsilon {self.run_epsilon:g}")
-        if delta > self.delta:
-            raise Refused(f"{asked}: delta above the party's {self.delta:g}")
-        if self.methods is not None and method not in self.methods:
-            raise Refused(f"{asked}: the party allows only {', '.join(self.methods)}")
-        if self.dataset is not None and dataset != self.dataset:
-            raise Refused(f"{asked}: the party holds {self.dataset}, not {dataset}")
+        reason = self.refusal(method=method, private=private, epsilon=epsilon, delta=delta, dataset=dataset)
+        if reason:
+            raise Refused(f"{who} refuses {what} (method {method}, epsilon {epsilon:g}, delta {delta:g}): {reason}")
 
     def check_classes(self, who: str, what: str, classes: list[int]) -> None:
         if self.classes is not None and not set(classes) <= set(self.classes):

@@ -57,7 +57,7 @@ def simulate(
     settings: RunSettings | FedGANSettings,
     ray_address: str | None = None,
     party_cpus: float = 1.0,
-    party_gpus=None,
+    party_gpus: float | None = None,
     trust_coordinator: bool = False,
 ) -> None:
     """Run the scenario with ``flwr.simulation.run_simulation`` (Ray backend)."""

@@ -45,7 +45,7 @@ def test_each_party_mounts_only_its_own_data_folder():
     compose = services("docker-compose.yml")
     for k in range(5):
         volumes = compose[f"supernode-{k}"]["volumes"]
-        assert volumes == [f"${{PARTY{k}_DATA:-./data}}:/data:ro"]
+        assert volumes == [f"${{PARTY{k}_DATA:-./data}}:/data:ro", f"party{k}-state:/state"]  # + its own ledger
 
 
 def test_superlink_data_and_results_are_variables_like_the_parties():

@@ -155,7 +155,9 @@ def test_image_holds_the_app_and_nothing_else(image):
     result = docker_run(image, "bash", "-c", "ls -A /app; echo; id -u; stat -c %u /results /state")
     assert result.returncode == 0, result.stderr
     listing, ids = result.stdout.split("\n\n")
-    assert sorted(listing.split()) == ["README.md", "clients", "fedpsg", "pyproject.toml", "scenarios", "server"]
+    assert sorted(listing.split()) == [
+        "README.md", "clients", "fedpsg", "policies", "pyproject.toml", "scenarios", "server"
+    ]
     assert ids.split() == ["1000", "1000", "1000"]  # the entrypoint drops root to uid 1000
     result = docker_run(image, "python", "-c", "import flwr, fedpsg; print(flwr.__version__)")
     assert result.stdout.strip() == "1.41.0", result.stderr

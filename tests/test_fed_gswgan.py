@@ -38,7 +38,7 @@ POLICY = PartyPolicy(epsilon=100.0, delta=1e-4, max_run_epsilon=10.0, dataset="m
 
 def party(tmp_path, policy=POLICY) -> dict:
     """The keyword arguments that place a party in its folder under ``tmp_path`` with ``policy``."""
-    return {"home": tmp_path / "party-1", "policy": policy}
+    return {"party_folder": tmp_path / "party-1", "policy": policy}
 
 
 def request(round_index=0, partition=1, epsilon=10.0, config=TINY, run_id="test", num_parties=5, split="iid"):

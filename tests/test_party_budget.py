@@ -22,6 +22,8 @@ import torch
 from dp_accounting import dp_event, rdp
 from flwr.app import Message
 
+import fedpsg.federated_gan.party
+import fedpsg.party
 from fedpsg.config import resolve_settings
 from fedpsg.data import dataset_spec, load_images
 from fedpsg.evaluation import new_classifier
@@ -94,18 +96,42 @@ ATTACKS = {
         "train.fed_gswgan",
         encode_sample_request(round_request(epsilon=1e6), *gan_samples()),
     ),
+    "a run id that is a path": lambda: (
+        "train.fed_gswgan",
+        encode_sample_request(round_request(run_id="../../elsewhere"), *gan_samples()),
+    ),
 }
 
 
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
-def test_a_coordinators_attack_is_refused_and_the_ledger_is_unchanged(attack, grid, party_state):
+def test_a_coordinators_attack_is_refused_and_the_ledger_is_unchanged(attack, grid, party_state, monkeypatch):
     policy = replace(ONE_RUN, methods=("dpmerf", "fed-gswgan"))
     policy.write(party_dir(0, party_state) / "policy.yaml")
     message_type, content = ATTACKS[attack]()
     before = ledger_bytes(party_state)
+
+    def no_private_data(*args, **kwargs):
+        raise AssertionError("a refused request read the party's data")
+
+    monkeypatch.setattr(fedpsg.party, "load_images", no_private_data)
+    monkeypatch.setattr(fedpsg.federated_gan.party, "_party_share", no_private_data)
     with pytest.raises(Refused, match="party 0 refuses"):
         send(grid, content, message_type)
-    assert ledger_bytes(party_state) == before  # nothing written, no data read
+    assert ledger_bytes(party_state) == before  # nothing written
+    assert not (party_state / "elsewhere").exists()
+
+
+def test_a_respelled_dataset_opens_no_fresh_ledger(grid, party_state):
+    """MNIST, mnist, Mnist: the same data, so one ledger; the second eps-10 run does not fit."""
+    policy = replace(ONE_RUN, dataset=None)
+    policy.write(party_dir(0, party_state) / "policy.yaml")
+    assert not send(grid, encode_train_request(stage_request())).has_error()
+    for spelling in ("MNIST", "Mnist"):
+        respelled = replace(stage_request(), dataset=spelling)
+        with pytest.raises(Refused, match="lifetime budget on mnist"):
+            send(grid, encode_train_request(respelled))
+    ledgers = [p.name for p in party_dir(0, party_state).glob("ledger-*.json")]
+    assert ledgers == ["ledger-mnist.json"]
 
 
 def test_a_new_run_id_gets_no_fresh_budget(grid, party_state, data_dir):
@@ -175,7 +201,7 @@ def _slow_write(write):
 def _reserve_in_another_process(home: str, start, results) -> None:
     Ledger._write = _slow_write(Ledger._write)
     record = private_record(8.0, 1e-5, 1.0, 1)
-    start.wait(timeout=60)
+    start.wait(timeout=120)  # a barrier: all three are ready before any of them reserves
     try:
         Ledger(Path(home), "mnist").reserve(record, ONE_RUN, method="dpmerf", purpose="race")
         results.put("reserved")
@@ -186,13 +212,11 @@ def _reserve_in_another_process(home: str, start, results) -> None:
 def test_processes_racing_for_the_last_release_spend_it_once(tmp_path):
     """Across processes (and restarts) the file lock and the ledger on disk decide, not memory."""
     context = multiprocessing.get_context("spawn")
-    start, results = context.Event(), context.Queue()
+    start, results = context.Barrier(3), context.Queue()
     workers = [context.Process(target=_reserve_in_another_process, args=(str(tmp_path), start, results))
                for _ in range(3)]  # fmt: skip
     for worker in workers:
         worker.start()
-    time.sleep(3)  # let every worker import and wait at the start line
-    start.set()
     for worker in workers:
         worker.join(timeout=120)
     outcomes = sorted(results.get(timeout=10) for _ in workers)
@@ -232,7 +256,6 @@ def test_the_lifetime_ledger_composes_a_continual_stage_federated_rounds_and_a_g
     expected = accountant.get_epsilon(1e-5)
     spent = Ledger(home, "mnist").spent(1e-5)
     assert spent == pytest.approx(expected, rel=0.01)
-    assert spent < 4.0 + 8.0 + 5.0  # composed, not added: below the sum of the parts
 
     # What is left decides: a request that would cross the lifetime budget is refused.
     left = policy.epsilon - spent
@@ -254,17 +277,31 @@ def test_the_ledger_command_shows_and_resets_only_when_asked(party_state, capsys
     assert Ledger(home, "mnist").entries() == []
 
 
-def test_a_policy_is_read_from_the_party_side_only(tmp_path, monkeypatch):
-    (tmp_path / "policy.yaml").write_text("epsilon: 3\nmethods: [psg]\n")
-    assert load_policy(None, tmp_path).epsilon == 3.0
+def test_a_policy_is_read_from_the_party_side_only_in_its_order(tmp_path, monkeypatch, grid):
+    node, folder, env = tmp_path / "node.yaml", tmp_path / "party", tmp_path / "env.yaml"
+    for path, epsilon in ((node, 1), (folder / "policy.yaml", 2), (env, 3)):
+        PartyPolicy(epsilon=epsilon).write(path)
+    monkeypatch.setenv("FEDPSG_PARTY_POLICY", str(env))
+    assert load_policy(str(node), folder).epsilon == 1  # node config first
+    assert load_policy(None, folder).epsilon == 2  # then the party's folder
+    assert load_policy(None, tmp_path / "no-such-party").epsilon == 3  # then the environment
+    monkeypatch.delenv("FEDPSG_PARTY_POLICY")
+    assert load_policy(None, tmp_path / "no-such-party") == PartyPolicy()  # the default
+    assert PartyPolicy().trust_coordinator is False  # private requests only
     monkeypatch.setenv("FEDPSG_PARTY_POLICY", str(tmp_path / "missing.yaml"))
     with pytest.raises(ValueError, match="does not exist"):
         load_policy(None, tmp_path / "elsewhere")
     with pytest.raises(ValueError, match="unknown policy keys"):
         PartyPolicy.from_dict({"epsilon": 3, "budget": 4})
+    with pytest.raises(ValueError, match="true or false"):
+        PartyPolicy.from_dict({"trust_coordinator": "false"})  # a quoted "false" must not read as yes
     with pytest.raises(ValueError, match="finite"):
         PartyPolicy(epsilon=math.inf)
-    assert PartyPolicy().trust_coordinator is False  # the default answers private requests only
+    # A request carries no policy of its own: extra settings in it are rejected, not obeyed.
+    request = encode_train_request(stage_request())
+    request.config_records["config"]["hp.trust_coordinator"] = True
+    with pytest.raises(ValueError, match="unknown DPMerfConfig settings"):
+        send(grid, request)
 
 
 @pytest.mark.parametrize(

@@ -30,12 +30,10 @@ answers it only if its policy says it trusts the coordinator, and records it in 
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +44,7 @@ from fedpsg.federated_gan.config import FedGANConfig, participations_per_party
 from fedpsg.federated_gan.protocol import GradientReply, ModelReply, RoundRequest
 from fedpsg.federated_gan.split import party_indices
 from fedpsg.files import save_atomically
-from fedpsg.ledger import Ledger
+from fedpsg.ledger import Ledger, exclusive_lock
 from fedpsg.methods.gswgan import (
     ConditionalCritic,
     ConditionalGenerator,
@@ -207,11 +205,9 @@ class PartyCritic:
         critic: ConditionalCritic,
         optimizer: torch.optim.Optimizer,
         plan: PrivacyRecord,
-        releases: int = 0,
         last_release: tuple[int, str, torch.Tensor] | None = None,
     ) -> None:
         self.path, self.critic, self.optimizer, self.plan = path, critic, optimizer, plan
-        self.releases = releases
         self.last_release = last_release  # (round, samples digest, sanitised gradients) of the latest reply
 
     @classmethod
@@ -226,15 +222,14 @@ class PartyCritic:
             critic.load_state_dict(state["critic"])
             optimizer.load_state_dict(state["optimizer"])
             last = state["last_release"]
-            plan = PrivacyRecord.from_dict(state["plan"])
-            return cls(path, critic, optimizer, plan, int(state["releases"]), tuple(last) if last else None)
+            return cls(path, critic, optimizer, PrivacyRecord.from_dict(state["plan"]), tuple(last) if last else None)
         # The paper's warm start, on this party's data only, against a throwaway local generator.
         throwaway = new_generator(config, num_classes, seed=request.split_seed * 1_000_003 + 500_009)
         local_gan_iterations(
             throwaway, critic, data, config.pretrain_iterations, config,
             adam(throwaway, config.lr_generator, config), optimizer, secret.sampling,
         )  # fmt: skip
-        party = cls(path, critic, optimizer, plan_privacy(request), releases=0)
+        party = cls(path, critic, optimizer, plan_privacy(request))
         party.save()
         return party
 
@@ -243,33 +238,19 @@ class PartyCritic:
             "critic": self.critic.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "plan": self.plan.to_dict(),
-            "releases": self.releases,
             "last_release": list(self.last_release) if self.last_release else None,
         }
         save_atomically(state, self.path)
 
-    def answer(
+    def sanitised_gradients(
         self,
-        request: RoundRequest,
         images: torch.Tensor,
         labels: torch.Tensor,
         data: PartyData,
-        ledger: Ledger,
-        policy: PartyPolicy,
+        config: FedGANConfig,
         secret: SecretRandomness,
-    ) -> GradientReply:
-        """Train the critic on the samples, then release their sanitised gradients (one Gaussian release)."""
-        digest = samples_digest(images, labels)
-        if self.last_release is not None and self.last_release[:2] == (request.round, digest):
-            return GradientReply(self.last_release[2], self.plan, self.releases)  # already released
-        what = f"fed-gswgan round {request.round} of run {request.run_id!r}"
-        if self.releases >= self.plan.steps:
-            raise BudgetSpent(
-                f"party {request.partition} refuses {what}: the run's plan is spent, {self.releases} of "
-                f"{self.plan.steps} planned releases made (epsilon {self.plan.epsilon:.3g}, delta {self.plan.delta:g})"
-            )
-        entry = ledger.reserve(round_record(self.plan), policy, method="fed-gswgan", purpose=what)
-        config = request.config
+    ) -> torch.Tensor:
+        """Train the critic on the samples, then their gradients, clipped and noised: one Gaussian release."""
         for _ in range(config.critic_iterations):
             real = data.batch_like(labels, secret.sampling)
             critic_step(
@@ -277,23 +258,13 @@ class PartyCritic:
                 gp_weight=config.gp_weight, drift_weight=config.drift_weight,
             )  # fmt: skip
         gradients = generator_loss_gradients(self.critic, images, labels)
-        if not math.isinf(self.plan.epsilon):  # eps = inf: a trusted coordinator's non-private reference
-            noise_std = self.plan.noise_multiplier * step_sensitivity(config.max_grad_norm, len(labels))
-            gradients = sanitise(gradients, config.max_grad_norm, noise_std, secret.noise)
-        self.releases += 1
-        self.last_release = (request.round, digest, gradients.detach())
-        self.save()
-        ledger.mark_released(entry)
-        return GradientReply(gradients, self.plan, self.releases)
+        if math.isinf(self.plan.epsilon):  # eps = inf: a trusted coordinator's non-private reference
+            return gradients
+        noise_std = self.plan.noise_multiplier * step_sensitivity(config.max_grad_norm, len(labels))
+        return sanitise(gradients, config.max_grad_norm, noise_std, secret.noise)
 
 
-@contextmanager
-def _one_at_a_time(path: Path) -> Iterator[None]:
-    """An exclusive lock on a run's state: concurrent requests of one run are answered in turn."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def answer_samples(
@@ -301,26 +272,46 @@ def answer_samples(
     images: torch.Tensor,
     labels: torch.Tensor,
     *,
-    home: Path,
+    party_folder: Path,
     policy: PartyPolicy,
     data_dir: str | None = None,
     secret: SecretRandomness | None = None,
 ) -> GradientReply:
-    """A fed-gswgan round on the party whose folder is ``home``: ``secret`` defaults to fresh OS entropy."""
+    """A fed-gswgan round on the party whose folder is ``party_folder``: ``secret`` defaults to fresh OS entropy."""
     who, what = f"party {request.partition}", f"fed-gswgan round {request.round} of run {request.run_id!r}"
+    if not RUN_ID.fullmatch(request.run_id):  # it names a folder of the party's: no paths
+        raise Refused(f"{who} refuses {what}: a run id is letters, digits, '.', '_' and '-'")
     policy.check_request(
         who, what, method="fed-gswgan", private=True, epsilon=request.epsilon, delta=request.delta,
         dataset=request.dataset,
     )  # fmt: skip
     data = load_party_data(request, policy, data_dir)
+    missing = set(labels.tolist()) - set(data.labels.unique().tolist())
+    if missing:  # which classes a party holds is public (the split is); checked before anything is spent
+        raise Refused(f"{who} refuses {what}: it holds no examples of classes {sorted(missing)}")
     secret = secret or SecretRandomness.fresh()
-    path = Path(home) / "runs" / request.run_id / "fed-gswgan-critic.pt"
-    with _one_at_a_time(path):
-        ledger = Ledger(home, request.dataset, who)
-        if not path.exists():  # a new run: its first release must fit before the warm start reads any data
-            ledger.check(round_record(plan_privacy(request)), policy, method="fed-gswgan", purpose=what)
+    path = Path(party_folder) / "runs" / request.run_id / "fed-gswgan-critic.pt"
+    ledger = Ledger(party_folder, request.dataset, who)
+    with exclusive_lock(path):  # one request of a run at a time
+        if not path.exists():  # a new run: its whole plan must fit before the warm start reads any data
+            ledger.check(plan_privacy(request), policy, method="fed-gswgan", purpose=what)
         party = PartyCritic.open(request, data, path, secret)
-        return party.answer(request, images.float(), labels.long(), data, ledger, policy, secret)
+        images, labels = images.float(), labels.long()
+        digest = samples_digest(images, labels)
+        run = f"fed-gswgan:{request.run_id}"
+        made = ledger.releases(run)
+        if party.last_release is not None and party.last_release[:2] == (request.round, digest):
+            return GradientReply(party.last_release[2], party.plan, made)  # already released
+        if made >= party.plan.steps:
+            raise BudgetSpent(
+                f"{who} refuses {what}: the run's plan is spent, {made} of {party.plan.steps} planned releases "
+                f"made (epsilon {party.plan.epsilon:.3g}, delta {party.plan.delta:g})"
+            )
+        with ledger.release(round_record(party.plan), policy, method="fed-gswgan", purpose=what, run=run):
+            gradients = party.sanitised_gradients(images, labels, data, request.config, secret)
+            party.last_release = (request.round, digest, gradients.detach())
+            party.save()
+        return GradientReply(gradients, party.plan, made + 1)
 
 
 # ----- fedavg-gan ------------------------------------------------------------------------------
@@ -331,7 +322,7 @@ def answer_models(
     generator_state: dict[str, torch.Tensor],
     critic_state: dict[str, torch.Tensor],
     *,
-    home: Path,
+    party_folder: Path,
     policy: PartyPolicy,
     data_dir: str | None = None,
     secret: SecretRandomness | None = None,
@@ -352,17 +343,16 @@ def answer_models(
         mechanism=NON_PRIVATE,
         adjacency="user-level",
     )
-    ledger = Ledger(home, request.dataset, who)
-    entry = ledger.reserve(privacy, policy, method="fedavg-gan", purpose=what)
     secret = secret or SecretRandomness.fresh()
     config = request.config
     num_classes = dataset_spec(request.dataset).num_classes
     generator, critic = new_generator(config, num_classes, 0), new_critic(config, num_classes, 0)
     generator.load_state_dict(generator_state)
     critic.load_state_dict(critic_state)
-    local_gan_iterations(
-        generator, critic, data, config.local_steps, config,
-        adam(generator, config.lr_generator, config), adam(critic, config.lr_discriminator, config), secret.sampling,
-    )  # fmt: skip
-    ledger.mark_released(entry)
+    ledger = Ledger(party_folder, request.dataset, who)
+    with ledger.release(privacy, policy, method="fedavg-gan", purpose=what, run=f"fedavg-gan:{request.run_id}"):
+        local_gan_iterations(
+            generator, critic, data, config.local_steps, config, adam(generator, config.lr_generator, config),
+            adam(critic, config.lr_discriminator, config), secret.sampling,
+        )  # fmt: skip
     return ModelReply(generator.state_dict(), critic.state_dict(), privacy, releases=1)
