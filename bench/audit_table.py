@@ -18,9 +18,9 @@ import os
 import time
 from pathlib import Path
 
-from fedpsg.audit import main as audit_main
-from fedpsg.config import format_epsilon
+from fedpsg.audit.cli import main as audit_main
 from fedpsg.methods import method_names
+from fedpsg.runs.settings import format_epsilon
 
 
 def main() -> None:

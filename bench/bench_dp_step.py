@@ -3,7 +3,7 @@
 For each (width, batch) ConvNet on 1x28x28 inputs this measures, in one process:
 
 * plain   -- the non-private batch gradient: ``zero_grad(); cross_entropy(model(x), y).backward()``
-* fedpsg  -- ``fedpsg.dp_gradient.private_gradient`` (per-example grads, clip, sum, noise)
+* fedpsg  -- ``fedpsg.dp.gradients.private_gradient`` (per-example grads, clip, sum, noise)
 * opacus  -- the same step the straightforward Opacus way: a GradSampleModule (hooks), backward
              on the mean loss, clip the ``p.grad_sample`` tensors, sum, noise
 
@@ -30,8 +30,8 @@ from opacus import GradSampleModule
 from torch import nn
 from torch.nn import functional as F
 
-from fedpsg.dp_gradient import private_gradient
-from fedpsg.models import build_model
+from fedpsg.dp.gradients import private_gradient
+from fedpsg.nn.models import build_model
 
 MAX_GRAD_NORM = 1.0
 NOISE_MULTIPLIER = 1.0

@@ -15,9 +15,9 @@ import time
 import torch
 from torch.nn import functional as F
 
-from fedpsg.dp_gradient import private_gradient
-from fedpsg.matching import matching_distance
-from fedpsg.models import build_model
+from fedpsg.dp.gradients import private_gradient
+from fedpsg.nn.matching import matching_distance
+from fedpsg.nn.models import build_model
 
 
 def median_ms(step, repeats: int) -> float:

@@ -4,7 +4,7 @@
         [--lr-images 100] [--batch-size 64] [--width 32] [--augment | --no-augment]
 
 Generates one DP synthetic set (spc per class) from all training images of the chosen classes,
-then evaluates it with fedpsg.evaluation.evaluate_training_set under a fixed protocol (default:
+then evaluates it with fedpsg.nn.evaluation.evaluate_training_set under a fixed protocol (default:
 the cpu profile's EvalConfig(width=32, epochs=300, augment=True, num_evals=2)) on the real test
 images. Prints accuracy, generation CPU and wall seconds, the load average around the run, and
 one JSON line with everything (for BENCHMARKS.md).
@@ -22,10 +22,10 @@ from dataclasses import asdict, replace
 
 import torch
 
-from fedpsg.data import dataset_spec, load_images
-from fedpsg.evaluation import EvalConfig, evaluate_training_set
+from fedpsg.data.datasets import dataset_spec, load_images
+from fedpsg.data.synthetic import save_grid
 from fedpsg.methods.dpdm import DPDM_PRESETS, generate_dpdm_set
-from fedpsg.synthetic import save_grid
+from fedpsg.nn.evaluation import EvalConfig, evaluate_training_set
 
 
 def main(argv: list[str] | None = None) -> int:

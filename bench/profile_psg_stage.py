@@ -20,11 +20,11 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fedpsg.config import method_settings
-from fedpsg.data import ImageSet, dataset_spec, load_images
-from fedpsg.evaluation import evaluate_training_set, new_classifier
+from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
 from fedpsg.methods import PartyStage, get_method
-from fedpsg.scenario import load_scenario
+from fedpsg.nn.evaluation import evaluate_training_set, new_classifier
+from fedpsg.runs.scenario import load_scenario
+from fedpsg.runs.settings import method_settings
 
 PHASES = ("psg.dp_real_gradient", "psg.synthetic_step", "psg.inner_loop")
 

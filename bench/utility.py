@@ -32,10 +32,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
-from fedpsg.config import method_settings, parse_overrides, split_sections  # noqa: E402
-from fedpsg.data import ImageSet, dataset_spec, load_images  # noqa: E402
-from fedpsg.evaluation import evaluate_training_set, new_classifier  # noqa: E402
+from fedpsg.data.datasets import ImageSet, dataset_spec, load_images  # noqa: E402
 from fedpsg.methods import PartyStage, get_method, method_names  # noqa: E402
+from fedpsg.nn.evaluation import evaluate_training_set, new_classifier  # noqa: E402
+from fedpsg.runs.settings import method_settings, parse_overrides, split_sections  # noqa: E402
 
 # Published accuracies (%), 10 images per class, ConvNet, all 10 classes, by (dataset, eps).
 PUBLISHED = {

@@ -1,7 +1,7 @@
 """Flower ClientApp: one party. It holds one class partition and answers the coordinator.
 
 - ``query.whoami``: which partition this node holds.
-- ``train``: run the requested method on the party's own data (``fedpsg.party``) and reply
+- ``train``: run the requested method on the party's own data (``fedpsg.continual.party``) and reply
   with DP outputs only.
 - ``train.fed_gswgan`` / ``train.fedavg_gan``: one round of a federated GAN scenario
   (``fedpsg.federated_gan.party``); the party's critic stays in its folder.
@@ -9,7 +9,7 @@
 Every request is checked against the party's own policy and charged to its lifetime ledger,
 both in its folder ``<state dir>/party-<partition>`` (state dir: node config ``state-dir``, else
 ``FEDPSG_PARTY_STATE_DIR``, else ``~/.fedpsg/party-state``; policy: node config ``policy``, else
-the folder's ``policy.yaml``, else ``FEDPSG_PARTY_POLICY``; see ``fedpsg.policy``). A refused
+the folder's ``policy.yaml``, else ``FEDPSG_PARTY_POLICY``; see ``fedpsg.budget.policy``). A refused
 request fails with the reason, which the coordinator reports.
 
 The partition comes from the node config (``partition-id``, ``num-partitions``); the data root
@@ -25,7 +25,9 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpsg.config import default_device
+from fedpsg.budget.policy import PartyPolicy, load_policy, party_dir
+from fedpsg.continual.party import run_stage
+from fedpsg.continual.protocol import decode_train_request, encode_reply
 from fedpsg.federated_gan import party as gan_party
 from fedpsg.federated_gan.protocol import (
     decode_model_request,
@@ -33,9 +35,7 @@ from fedpsg.federated_gan.protocol import (
     encode_gradient_reply,
     encode_model_reply,
 )
-from fedpsg.party import run_stage
-from fedpsg.policy import PartyPolicy, load_policy, party_dir
-from fedpsg.protocol import decode_train_request, encode_reply
+from fedpsg.runs.settings import default_device
 
 app = ClientApp()
 

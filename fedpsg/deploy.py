@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedpsg.cli import add_run_arguments
-from fedpsg.config import format_epsilon, settings_from_run_config
-from fedpsg.policy import POLICY_ENV, STATE_DIR_ENV
+from fedpsg.budget.policy import POLICY_ENV, STATE_DIR_ENV
+from fedpsg.runs.cli import add_run_arguments
+from fedpsg.runs.settings import format_epsilon, settings_from_run_config
 
 log = logging.getLogger("fedpsg.deploy")
 REPO = Path(__file__).resolve().parents[1]
@@ -266,7 +266,7 @@ def run_config_string(values: dict) -> str:
 
 
 def run_config_from_args(args: argparse.Namespace, out: Path, data_dir: str) -> dict:
-    """The Flower run config for the parsed flags (the keys of ``fedpsg.config.RUN_CONFIG_KEYS``)."""
+    """The Flower run config for the parsed flags (the keys of ``fedpsg.runs.settings.RUN_CONFIG_KEYS``)."""
     values = {
         "scenario": args.scenario,
         "eps": ",".join(format_epsilon(e) for e in args.eps) if args.eps else None,

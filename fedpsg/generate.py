@@ -13,25 +13,24 @@ to the lifetime ledger in ``--party-dir`` (default ``<party state dir>/local``) 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from fedpsg.cli import add_common_arguments, int_list, party_settings
-from fedpsg.config import (
+from fedpsg.budget.charge import charged_run
+from fedpsg.budget.ledger import Ledger
+from fedpsg.budget.policy import Refused, default_state_dir, load_policy
+from fedpsg.data.datasets import DataNotFoundError, ImageSet, load_images
+from fedpsg.data.synthetic import save_grid
+from fedpsg.io.files import save_atomically, write_json
+from fedpsg.methods import PartyStage, method_names
+from fedpsg.nn.evaluation import Evaluation, accuracy_by_group, evaluate_training_set, new_classifier
+from fedpsg.runs.cli import add_common_arguments, int_list, party_settings
+from fedpsg.runs.settings import (
     format_epsilon,
 )
-from fedpsg.data import DataNotFoundError, ImageSet, load_images
-from fedpsg.evaluation import Evaluation, accuracy_by_group, evaluate_training_set, new_classifier
-from fedpsg.files import save_atomically
-from fedpsg.ledger import Ledger
-from fedpsg.methods import PartyStage, method_names
-from fedpsg.party import charged_run
-from fedpsg.policy import Refused, default_state_dir, load_policy
-from fedpsg.synthetic import save_grid
 
 log = logging.getLogger("fedpsg.generate")
 
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             f"accuracy on real test images of classes {classes}: "
             f"{100 * result.mean:.2f}% ± {100 * result.std:.2f} ({len(result.accuracies)} classifiers)"
         )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_json(out / "summary.json", summary)
     print(f"wrote {out}/release.pt, summary.json" + (", synthetic.png" if release.images is not None else ""))
     return 0
 

@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
-from fedpsg.cli import add_run_arguments, settings_from_args
-from fedpsg.config import RunSettings
-from fedpsg.coordinator import ResumeMismatchError, check_resumable
-from fedpsg.data import DATA_DIR_ENV, DataNotFoundError, load_images
+from fedpsg.continual.coordinator import check_resumable
+from fedpsg.data.datasets import DataNotFoundError, load_images
+from fedpsg.federated_gan.cli import main as federated_main
 from fedpsg.federated_gan.config import KIND as FEDERATED_GAN
-from fedpsg.federated_gan.config import FedGANSettings
-from fedpsg.policy import STATE_DIR_ENV
-from fedpsg.scenario import scenario_kind
-from fedpsg.simulated_parties import TRUST_HELP, prepare_parties
+from fedpsg.runs.cli import add_run_arguments, settings_from_args
+from fedpsg.runs.folder import ResumeMismatchError
+from fedpsg.runs.scenario import scenario_kind
+from fedpsg.simulation import TRUST_HELP, prepare_parties, simulate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,38 +51,8 @@ def _federated_gan_scenario(argv: list[str] | None) -> bool:
         return False
 
 
-def simulate(
-    settings: RunSettings | FedGANSettings,
-    ray_address: str | None = None,
-    party_cpus: float = 1.0,
-    party_gpus: float | None = None,
-    trust_coordinator: bool = False,
-) -> None:
-    """Run the scenario with ``flwr.simulation.run_simulation`` (Ray backend)."""
-    from flwr.simulation import run_simulation
-
-    from clients.app import app as client_app
-    from server.app import make_server_app
-
-    # Parties run in Ray actors: they read their folder (policy, ledger) from the environment.
-    os.environ[STATE_DIR_ENV] = str(prepare_parties(settings, trust_coordinator))
-    if settings.data_dir:  # parties run in Ray actors: they read the data root from the environment
-        os.environ[DATA_DIR_ENV] = str(os.path.abspath(settings.data_dir))
-    gpus = party_gpus if party_gpus is not None else (1.0 if settings.device.startswith("cuda") else 0.0)
-    init_args: dict = {"address": ray_address} if ray_address else {"num_cpus": os.cpu_count() or 1}
-    run_simulation(
-        server_app=make_server_app(settings),
-        client_app=client_app,
-        num_supernodes=settings.num_partitions,
-        backend_name="ray",
-        backend_config={"client_resources": {"num_cpus": party_cpus, "num_gpus": gpus}, "init_args": init_args},
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     if _federated_gan_scenario(argv):
-        from fedpsg.federated_gan.cli import main as federated_main
-
         return federated_main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Flower ServerApp: the coordinator. It adapts Flower's Grid to ``fedpsg.coordinator.Parties``
+"""Flower ServerApp: the coordinator. It adapts Flower's Grid to ``fedpsg.continual.coordinator.Parties``
 (and to the federated GAN's ``FedGANParties``); the run itself (stages or rounds, retries,
 resume, evaluation, outputs) is ``Coordinator.run`` / ``FedGANRun.run``.
 """
@@ -13,11 +13,12 @@ from flwr.app import Context, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
-from fedpsg.config import RunSettings, settings_from_run_config
-from fedpsg.coordinator import Coordinator, PartyError, PartyUnavailable
+from fedpsg.continual.coordinator import Coordinator
+from fedpsg.continual.protocol import StageReply, TrainRequest, decode_reply, encode_train_request
 from fedpsg.federated_gan.config import FedGANSettings
 from fedpsg.federated_gan.coordinator import FedGANRun
-from fedpsg.protocol import StageReply, TrainRequest, decode_reply, encode_train_request
+from fedpsg.runs.folder import PartyError, PartyUnavailable
+from fedpsg.runs.settings import RunSettings, settings_from_run_config
 
 log = logging.getLogger("fedpsg.server")
 

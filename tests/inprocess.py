@@ -14,7 +14,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import app as client_app
-from fedpsg.policy import PartyPolicy, default_state_dir, party_dir
+from fedpsg.budget.policy import PartyPolicy, default_state_dir, party_dir
 
 # Room for the many releases a test asks of one party; each run at most eps 10, as a real party might allow.
 LAB_POLICY = PartyPolicy(epsilon=1000.0, delta=1e-3, max_run_epsilon=10.0)

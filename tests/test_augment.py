@@ -1,6 +1,6 @@
 import torch
 
-from fedpsg.augment import crop_scale_rotate
+from fedpsg.data.augment import crop_scale_rotate
 
 
 def test_shapes_kept_and_deterministic_with_a_generator():

@@ -7,8 +7,7 @@ import opacus.optimizers.optimizer as opacus_optimizer
 import pytest
 import torch
 
-from fedpsg.audit import main as audit_main
-from fedpsg.canary_audit import (
+from fedpsg.audit.canary import (
     binomial_tail,
     bound_from_scores,
     epsilon_lower_bound,
@@ -17,10 +16,11 @@ from fedpsg.canary_audit import (
     noise_removed,
     p_value,
 )
-from fedpsg.data import ImageSet
-from fedpsg.ledger import Ledger
-from fedpsg.privacy import gaussian_mechanism
-from fedpsg.secret import SecretRandomness
+from fedpsg.audit.cli import main as audit_main
+from fedpsg.budget.ledger import Ledger
+from fedpsg.data.datasets import ImageSet
+from fedpsg.dp.mechanisms import gaussian_mechanism
+from fedpsg.dp.secret import SecretRandomness
 
 
 def test_binomial_tail_is_the_definition():

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torchvision import datasets
 
-from fedpsg.data import (
+from fedpsg.data.datasets import (
     DEFAULT_CLASS_ORDER,
     DataNotFoundError,
     dataset_spec,

@@ -6,8 +6,8 @@ from flwr.app import Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
-from fedpsg.coordinator import PartyUnavailable
-from fedpsg.protocol import TrainRequest
+from fedpsg.continual.protocol import TrainRequest
+from fedpsg.runs.folder import PartyUnavailable
 from server.app import GridParties
 from tests.inprocess import InProcessGrid, patch_task_identity
 

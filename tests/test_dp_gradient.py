@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedpsg import dp_gradient
-from fedpsg.dp_gradient import clipped_gradient_sum, per_example_gradients, private_gradient
-from fedpsg.models import build_model
+from fedpsg.dp import gradients as dp_gradient
+from fedpsg.dp.gradients import clipped_gradient_sum, per_example_gradients, private_gradient
+from fedpsg.nn.models import build_model
 
 # The asymmetric padding="same" convolution below is deliberate.
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")

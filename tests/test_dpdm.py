@@ -6,9 +6,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fedpsg.augment import DSA_OPERATIONS, AugmentationSampler, SiameseAugmentation, dsa_operations, sample_augmentation
-from fedpsg.data import ImageSet, dataset_spec, load_images
-from fedpsg.evaluation import EvalConfig, evaluate_training_set
+from fedpsg.data.augment import (
+    DSA_OPERATIONS,
+    AugmentationSampler,
+    SiameseAugmentation,
+    dsa_operations,
+    sample_augmentation,
+)
+from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
+from fedpsg.dp.accounting import private_record
+from fedpsg.dp.mechanisms import poisson_sample
+from fedpsg.dp.secret import SecretRandomness
 from fedpsg.methods import dpdm
 from fedpsg.methods.dpdm import (
     DPDM_PRESETS,
@@ -16,12 +24,10 @@ from fedpsg.methods.dpdm import (
     clip_embeddings,
     embed,
     generate_dpdm_set,
-    poisson_indices,
     privacy_of,
 )
-from fedpsg.models import build_model
-from fedpsg.privacy import private_record
-from fedpsg.secret import SecretRandomness
+from fedpsg.nn.evaluation import EvalConfig, evaluate_training_set
+from fedpsg.nn.models import build_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -84,7 +90,7 @@ def test_released_sum_is_the_clipped_sum_of_the_sampled_examples(mnist_56, monke
     """Recompute iteration 0's released class sums example by example, outside dpdm's batched path."""
     train, _ = mnist_56
     config = replace(SMALL, iterations=1, batch_size=24, max_norm=0.5)
-    batches, releases = Spy(monkeypatch, "poisson_indices"), Spy(monkeypatch, "gaussian_mechanism")
+    batches, releases = Spy(monkeypatch, "poisson_sample"), Spy(monkeypatch, "gaussian_mechanism")
     run(train, config=config, secret=SecretRandomness.fixed(11))
     assert len(batches.results) == len(releases.calls) == len(CLASSES)
     net = dpdm._fresh_network(config, MNIST, seed=0, iteration=0)  # public: the seed's first network
@@ -110,7 +116,7 @@ def test_one_release_per_class_and_iteration_and_the_accountant_sees_iterations(
     train, _ = mnist_56
     config = replace(SMALL, iterations=4)
     secret = SecretRandomness.fixed(2)
-    batches, releases = Spy(monkeypatch, "poisson_indices"), Spy(monkeypatch, "gaussian_mechanism")
+    batches, releases = Spy(monkeypatch, "poisson_sample"), Spy(monkeypatch, "gaussian_mechanism")
     synthetic = run(train, config=config, secret=secret)
     record = synthetic.privacy
     assert len(releases.calls) == config.iterations * len(CLASSES)
@@ -134,11 +140,11 @@ def test_poisson_batch_sizes_match_the_rate(mnist_56):
     n, batch = 5421, 64
     q = batch / n
     generator = torch.Generator().manual_seed(0)
-    sizes = torch.tensor([len(poisson_indices(n, q, generator)) for _ in range(2000)], dtype=torch.float64)
+    sizes = torch.tensor([len(poisson_sample(n, q, generator)) for _ in range(2000)], dtype=torch.float64)
     standard_error = math.sqrt(n * q * (1 - q) / len(sizes))
     assert abs(sizes.mean().item() - n * q) < 5 * standard_error
     assert sizes.var().item() == pytest.approx(n * q * (1 - q), rel=0.15)
-    draw = poisson_indices(n, q, generator)
+    draw = poisson_sample(n, q, generator)
     assert draw.unique().numel() == draw.numel() and (draw >= 0).all() and (draw < n).all()
 
 
@@ -229,6 +235,7 @@ def test_bad_configs_and_data_fail_early(mnist_56):
 # ---- utility ----------------------------------------------------------------------------------
 
 
+@pytest.mark.statistical
 def test_private_set_beats_its_noise_initialisation(mnist_56):
     """A weak but real utility check: eps=10 on MNIST 5 vs 6 with the tiny preset."""
     train, test = mnist_56

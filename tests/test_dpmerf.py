@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from fedpsg.data import ImageSet, dataset_spec, load_images
+from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
+from fedpsg.dp.accounting import calibrate_noise, epsilon_spent
+from fedpsg.dp.secret import SecretRandomness
 from fedpsg.methods import dpmerf
 from fedpsg.methods.dpmerf import (
     DPMERF_KERNEL_WIDTH,
@@ -20,8 +22,6 @@ from fedpsg.methods.dpmerf import (
     release_embedding,
     train_generator,
 )
-from fedpsg.privacy import calibrate_noise, epsilon_spent
-from fedpsg.secret import SecretRandomness
 
 DIM = 784
 WIDTH = DPMERF_KERNEL_WIDTH["fmnist"]

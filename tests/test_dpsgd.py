@@ -10,12 +10,12 @@ from opacus.accountants import RDPAccountant
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedpsg.data import ImageSet, load_images
+from fedpsg.data.datasets import ImageSet, load_images
+from fedpsg.dp.accounting import RDP_ORDERS
+from fedpsg.dp.secret import SecretRandomness
 from fedpsg.methods import dpsgd
 from fedpsg.methods.dpsgd import DPSGDConfig, dpsgd_finetune, dpsgd_schedule
-from fedpsg.models import build_model
-from fedpsg.privacy import RDP_ORDERS
-from fedpsg.secret import SecretRandomness
+from fedpsg.nn.models import build_model
 
 CONFIG = DPSGDConfig(epochs=1, batch_size=128)
 

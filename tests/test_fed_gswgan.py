@@ -18,6 +18,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import fedpsg.methods.gswgan as gswgan
 from clients.app import app as client_app
+from fedpsg.budget.ledger import Ledger
+from fedpsg.budget.policy import DataShare, PartyPolicy
+from fedpsg.dp.secret import SecretRandomness
 from fedpsg.federated_gan.config import PRESETS, participations_per_party, round_parties
 from fedpsg.federated_gan.party import BudgetSpent, answer_samples, load_party_data
 from fedpsg.federated_gan.protocol import (
@@ -28,8 +31,6 @@ from fedpsg.federated_gan.protocol import (
     encode_sample_request,
 )
 from fedpsg.federated_gan.split import party_classes, party_indices
-from fedpsg.policy import DataShare, PartyPolicy
-from fedpsg.secret import SecretRandomness
 
 TINY = replace(PRESETS["tiny"], rounds=3, batch_size=6)
 # The party's own policy: its share of 5 (iid, seed 0), runs of at most eps 10, room for several runs.
@@ -236,11 +237,11 @@ def test_a_flower_simulation_writes_its_outputs_and_resumes_after_interruption(t
     assert sorted(privacy) == ["0", "1", "2", "3", "4"]
     for record in privacy.values():
         assert record["releases"] <= record["steps"] == rounds and record["epsilon"] <= 10.0
-    critics = list((out / "parties").glob("party-*/runs/*/fed-gswgan-critic.pt"))
-    assert len(critics) == 5
-    for critic in critics:
-        state = torch.load(critic, weights_only=True)
-        assert state["releases"] == rounds  # the re-sent round was answered from cache, not re-spent
+    assert len(list((out / "parties").glob("party-*/runs/*/fed-gswgan-critic.pt"))) == 5  # critics stayed home
+    for partition in range(5):  # the re-sent round was answered from cache, not spent again
+        entries = Ledger(out / "parties" / f"party-{partition}", "mnist").entries()
+        assert sum(e.method == "fed-gswgan" and e.status == "released" for e in entries) == rounds
+        assert {e.status for e in entries} <= {"released", "abandoned"}  # abandoned: killed mid-round
 
 
 @pytest.mark.parametrize(
@@ -265,7 +266,7 @@ def test_bad_federated_flags_are_rejected_before_anything_starts(flags, reason, 
 
 
 def test_a_federated_scenario_is_not_read_as_a_continual_one():
-    from fedpsg.scenario import load_scenario, scenario_kind
+    from fedpsg.runs.scenario import load_scenario, scenario_kind
 
     assert scenario_kind("fed_gswgan_fmnist") == "federated-gan" and scenario_kind("split_mnist") == "continual"
     with pytest.raises(ValueError, match="is a federated-gan scenario"):
@@ -273,10 +274,10 @@ def test_a_federated_scenario_is_not_read_as_a_continual_one():
 
 
 def test_a_run_folder_with_other_settings_is_not_resumed(tmp_path):
-    from fedpsg.coordinator import ResumeMismatchError
-    from fedpsg.data import ImageSet
+    from fedpsg.data.datasets import ImageSet
     from fedpsg.federated_gan.cli import build_parser, settings_from_args
     from fedpsg.federated_gan.coordinator import FedGANRun
+    from fedpsg.runs.folder import ResumeMismatchError
 
     test_images = ImageSet(torch.zeros(2, 1, 28, 28), torch.tensor([0, 1]))
 

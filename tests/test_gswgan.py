@@ -8,8 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fedpsg.data import ImageSet, dataset_spec, load_images
-from fedpsg.evaluation import EvalConfig, evaluate_training_set, new_classifier
+from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
+from fedpsg.dp.accounting import epsilon_spent
+from fedpsg.dp.secret import SecretRandomness
 from fedpsg.methods import PartyStage, get_method, gswgan
 from fedpsg.methods.gswgan import (
     GSWGAN_PRESETS,
@@ -18,8 +19,7 @@ from fedpsg.methods.gswgan import (
     gswgan_generate,
     step_sensitivity,
 )
-from fedpsg.privacy import epsilon_spent
-from fedpsg.secret import SecretRandomness
+from fedpsg.nn.evaluation import EvalConfig, evaluate_training_set, new_classifier
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

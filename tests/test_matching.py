@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedpsg.matching import layer_distance, matching_distance
+from fedpsg.nn.matching import layer_distance, matching_distance
 
 
 def grads(seed):

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from fedpsg.audit import main as audit_main
-from fedpsg.data import ImageSet, dataset_spec, load_images
-from fedpsg.memorisation import measure_memorisation
-from fedpsg.privacy import PrivacyRecord
-from fedpsg.synthetic import SyntheticSet
+from fedpsg.audit.cli import main as audit_main
+from fedpsg.audit.memorisation import measure_memorisation
+from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
+from fedpsg.data.synthetic import SyntheticSet
+from fedpsg.dp.accounting import PrivacyRecord
 
 CLASSES = [5, 6]
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedpsg.models import ConvNet, available_models, build_model
+from fedpsg.nn.models import ConvNet, available_models, build_model
 
 
 def test_convnet_matches_the_papers_architecture():

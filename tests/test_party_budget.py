@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 import subprocess
 import sys
 import threading
@@ -22,21 +23,21 @@ import torch
 from dp_accounting import dp_event, rdp
 from flwr.app import Message
 
+import fedpsg.continual.party
 import fedpsg.federated_gan.party
-import fedpsg.party
-from fedpsg.config import resolve_settings
-from fedpsg.data import dataset_spec, load_images
-from fedpsg.evaluation import new_classifier
+from fedpsg.budget.ledger import Ledger, composed_epsilon
+from fedpsg.budget.policy import DataShare, PartyPolicy, Refused, load_policy, party_dir
+from fedpsg.continual.protocol import TrainRequest, decode_reply, encode_train_request
+from fedpsg.data.datasets import dataset_spec, load_images
+from fedpsg.dp.accounting import private_record
 from fedpsg.federated_gan.config import PRESETS
 from fedpsg.federated_gan.party import BudgetSpent
 from fedpsg.federated_gan.protocol import RoundRequest, encode_model_request, encode_sample_request
-from fedpsg.ledger import Ledger, composed_epsilon
 from fedpsg.ledger import main as ledger_main
 from fedpsg.methods import PartyStage, get_method
-from fedpsg.policy import DataShare, PartyPolicy, Refused, load_policy, party_dir
-from fedpsg.privacy import private_record
-from fedpsg.protocol import TrainRequest, decode_reply, encode_train_request
-from fedpsg.simulated_parties import party_policies, prepare_parties
+from fedpsg.nn.evaluation import new_classifier
+from fedpsg.runs.settings import resolve_settings
+from fedpsg.simulation import party_policies, prepare_parties
 from tests.conftest import REPO
 from tests.inprocess import InProcessGrid, patch_task_identity
 
@@ -113,7 +114,7 @@ def test_a_coordinators_attack_is_refused_and_the_ledger_is_unchanged(attack, gr
     def no_private_data(*args, **kwargs):
         raise AssertionError("a refused request read the party's data")
 
-    monkeypatch.setattr(fedpsg.party, "load_images", no_private_data)
+    monkeypatch.setattr(fedpsg.continual.party, "load_images", no_private_data)
     monkeypatch.setattr(fedpsg.federated_gan.party, "_party_share", no_private_data)
     with pytest.raises(Refused, match="party 0 refuses"):
         send(grid, content, message_type)
@@ -222,6 +223,37 @@ def test_processes_racing_for_the_last_release_spend_it_once(tmp_path):
     outcomes = sorted(results.get(timeout=10) for _ in workers)
     assert outcomes == ["refused", "refused", "reserved"]  # two eps-8 releases compose to 12.2 > 10
     assert len(Ledger(tmp_path, "mnist").entries()) == 1
+
+
+def _reserve_and_die(home: str) -> None:
+    Ledger(Path(home), "mnist").reserve(private_record(8.0, 1e-5, 1.0, 1), ONE_RUN, method="dpmerf", purpose="crash")
+    os._exit(1)  # killed while computing: the release is never marked, no reply leaves
+
+
+def test_a_reservation_counts_while_its_process_lives_and_not_once_it_died_before_releasing(tmp_path):
+    worker = multiprocessing.get_context("spawn").Process(target=_reserve_and_die, args=(str(tmp_path),))
+    worker.start()
+    worker.join(timeout=120)
+    ledger = Ledger(tmp_path, "mnist")
+    (crashed,) = ledger.entries()
+    assert crashed.status == "abandoned" and ledger.spent(1e-5) == 0.0  # nothing left the party
+    live = ledger.reserve(private_record(8.0, 1e-5, 1.0, 1), ONE_RUN, method="dpmerf", purpose="in flight")
+    assert ledger.entries()[1].status == "reserved" and ledger.spent(1e-5) == pytest.approx(8.0, rel=1e-3)
+    with pytest.raises(Refused):  # the one in flight is counted: a second eps-8 release does not fit in 10
+        ledger.reserve(private_record(8.0, 1e-5, 1.0, 1), ONE_RUN, method="dpmerf", purpose="too much")
+    ledger.mark_released(live)
+    assert [e.status for e in ledger.entries()] == ["abandoned", "released"]
+
+
+def test_a_release_that_fails_is_marked_and_still_counted(tmp_path):
+    """An error reply leaves the party instead of the release: what was computed stays charged."""
+    ledger = Ledger(tmp_path, "mnist")
+    with pytest.raises(RuntimeError), ledger.release(
+        private_record(4.0, 1e-5, 1.0, 1), ONE_RUN, method="dpmerf", purpose="stage 1"
+    ):
+        raise RuntimeError("the method crashed")
+    assert [e.status for e in ledger.entries()] == ["failed"]
+    assert ledger.spent(1e-5) == pytest.approx(4.0, rel=1e-3)
 
 
 def test_the_lifetime_ledger_composes_a_continual_stage_federated_rounds_and_a_generate_run(

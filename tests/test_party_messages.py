@@ -8,11 +8,11 @@ from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import app as client_app
-from fedpsg.data import dataset_spec, load_images
-from fedpsg.evaluation import new_classifier
+from fedpsg.continual.protocol import REPLY_KEYS, TrainRequest, encode_train_request
+from fedpsg.data.datasets import dataset_spec, load_images
+from fedpsg.dp.accounting import PrivacyRecord
 from fedpsg.methods import get_method
-from fedpsg.privacy import PrivacyRecord
-from fedpsg.protocol import REPLY_KEYS, TrainRequest, encode_train_request
+from fedpsg.nn.evaluation import new_classifier
 
 TINY_EVAL = get_method("psg").evaluation["tiny"]
 PSG = replace(get_method("psg").presets["tiny"], iterations=1, outer_loop=2, batch_loop=2, inner_loop=2)

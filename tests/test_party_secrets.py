@@ -20,21 +20,22 @@ import torch
 from flwr.app import Message
 from opacus.optimizers.optimizer import DPOptimizer
 
-from fedpsg import dp_gradient, secret
-from fedpsg.config import resolve_settings
-from fedpsg.coordinator import Coordinator
-from fedpsg.data import ImageSet, dataset_spec, load_images
-from fedpsg.evaluation import new_classifier
+from fedpsg.continual.coordinator import Coordinator
+from fedpsg.continual.protocol import TrainRequest, decode_reply, encode_train_request
+from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
+from fedpsg.dp import gradients as dp_gradient
+from fedpsg.dp import secret
+from fedpsg.dp.accounting import PrivacyRecord
+from fedpsg.dp.secret import SecretRandomness
 from fedpsg.methods import dpmerf, get_method, psg
 from fedpsg.methods.dpdm import generate_dpdm_set
 from fedpsg.methods.dpmerf import dpmerf_generate
 from fedpsg.methods.dpsgd import DPSGDConfig, dpsgd_finetune
 from fedpsg.methods.gswgan import gswgan_generate
 from fedpsg.methods.psg import generate_private_set
-from fedpsg.models import build_model
-from fedpsg.privacy import PrivacyRecord
-from fedpsg.protocol import TrainRequest, decode_reply, encode_train_request
-from fedpsg.secret import SecretRandomness
+from fedpsg.nn.evaluation import new_classifier
+from fedpsg.nn.models import build_model
+from fedpsg.runs.settings import resolve_settings
 from server.app import GridParties
 from tests.inprocess import InProcessGrid, patch_task_identity
 
@@ -254,7 +255,7 @@ def test_privacy_record_round_trips_with_adjacency_and_size():
 def test_every_release_uses_the_secure_noise_draw(monkeypatch):
     # Opacus's secure_mode noise: four N(0, std^2) draws summed and halved (std preserved), which
     # defeats the floating-point attacks on single draws. Checked by its variance.
-    from fedpsg.privacy import gaussian_mechanism
+    from fedpsg.dp.mechanisms import gaussian_mechanism
 
     (noisy,) = gaussian_mechanism([torch.zeros(200_000)], 3.0, torch.Generator().manual_seed(0))
     assert noisy.std().item() == pytest.approx(3.0, rel=0.01)

@@ -18,13 +18,14 @@ import pandas as pd
 import pytest
 import torch
 
-from fedpsg.config import resolve_settings
-from fedpsg.coordinator import Coordinator
-from fedpsg.evaluation import SMALL_SET_EVALUATION
-from fedpsg.local import LocalParties
+from fedpsg.continual.coordinator import Coordinator
+from fedpsg.continual.local import LocalParties
+from fedpsg.dp.accounting import PrivacyRecord, private_record
+from fedpsg.dp.mechanisms import gaussian_mechanism
+from fedpsg.dp.secret import SecretRandomness
 from fedpsg.methods import PLUGINS_ENV, Method, PartyStage, Release, method_names, register_method
-from fedpsg.privacy import PrivacyRecord, gaussian_mechanism, private_record
-from fedpsg.secret import SecretRandomness
+from fedpsg.nn.evaluation import SMALL_SET_EVALUATION
+from fedpsg.runs.settings import resolve_settings
 from tests.conftest import REPO
 
 
@@ -39,6 +40,7 @@ class NoisyMeansConfig:
             raise ValueError("need spc >= 1, max_norm > 0 and jitter >= 0")
 
 
+@register_method  # the one registration line
 class NoisyMeans(Method):
     """Each class's mean image, released once with the Gaussian mechanism (add/remove, public n)."""
 
@@ -69,7 +71,6 @@ class NoisyMeans(Method):
         return Release(record, images=copies.view(-1, *stage.data.images.shape[1:]), labels=labels)
 
 
-register_method(NoisyMeans())  # the one registration line
 
 
 FAST = ["evaluation.epochs=20", "evaluation.num_evals=1", "toy.spc=2"]

@@ -1,8 +1,9 @@
 import math
 
+import dp_accounting
 import pytest
 
-from fedpsg.privacy import (
+from fedpsg.dp.accounting import (
     RDP_ORDERS,
     PrivacyRecord,
     best_rdp_order,
@@ -35,7 +36,6 @@ def test_optimal_rdp_order_is_inside_the_grid(epsilon, q, steps):
 
 @pytest.mark.parametrize("epsilon,q,steps", SETTINGS[:3])
 def test_agrees_with_google_dp_accounting(epsilon, q, steps):
-    dp_accounting = pytest.importorskip("dp_accounting")
     sigma = calibrate_noise(epsilon, 1e-5, q, steps)
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps

@@ -1,4 +1,4 @@
-from fedpsg.progress import Progress
+from fedpsg.io.progress import Progress
 
 
 def test_progress_lines_are_throttled_and_carry_step_elapsed_and_eta():

@@ -4,12 +4,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fedpsg.data import ImageSet, dataset_spec, load_images
-from fedpsg.evaluation import evaluate_training_set
+from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
+from fedpsg.data.synthetic import SyntheticSet
+from fedpsg.dp.secret import SecretRandomness, public_seed
 from fedpsg.methods import get_method
-from fedpsg.methods.psg import PSGConfig, generate_private_set, inner_training_set, poisson_batch
-from fedpsg.secret import SecretRandomness
-from fedpsg.synthetic import SyntheticSet
+from fedpsg.methods.psg import PSGConfig, generate_private_set, inner_training_set
+from fedpsg.nn.evaluation import evaluate_training_set
 
 TINY = get_method("psg").presets["tiny"]
 TINY_EVAL = get_method("psg").evaluation["tiny"]
@@ -70,20 +70,18 @@ def test_save_load_round_trip(mnist_56, tmp_path):
 
 
 def test_matching_moves_images_towards_the_data(mnist_56):
-    """The optimised set must differ from its N(0,1) initialisation (gradients reached it)."""
+    """Matching brings the synthetic images closer to their class's real mean than their N(0,1) start.
+
+    Measured with the tiny preset over three fresh secrets: 0.972 of the start's distance each time
+    (images that never move: 1.0)."""
     train, _ = mnist_56
-    synthetic = run(train)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        init = torch.randn_like(synthetic.images)
-    assert (synthetic.images - init).abs().mean() > 1e-3
-
-
-def test_poisson_batches_have_the_expected_size():
-    generator = torch.Generator().manual_seed(0)
-    sizes = [len(poisson_batch(10_000, 0.01, generator)) for _ in range(200)]
-    assert sum(sizes) / len(sizes) == pytest.approx(100, rel=0.05)
-    assert len(set(sizes)) > 5  # the size itself is random
+    matched = run(train, config=TINY)
+    with public_seed(0):  # the run's public start (seed 0)
+        start = torch.randn_like(matched.images)
+    means = torch.stack([train.images[train.labels == c].mean(0) for c in (5, 6)])
+    own_mean = means[(matched.labels == 6).long()]
+    distance = (matched.images - own_mean).flatten(1).norm(dim=1).mean()
+    assert distance < 0.98 * (start - own_mean).flatten(1).norm(dim=1).mean()
 
 
 def test_bad_configs_rejected(mnist_56):
@@ -95,13 +93,17 @@ def test_bad_configs_rejected(mnist_56):
         PSGConfig(max_grad_norm=-1)
 
 
+@pytest.mark.statistical
 def test_tiny_profile_beats_chance_by_far_on_real_mnist(mnist_56):
-    # A pinned secret: over nine other secrets the mean of the two classifiers ranged 0.73-0.86
-    # (a CI run failed this bar at 0.731); this one gives 0.82, and images that never move give 0.50.
+    # Fresh secrets, as a party draws them. Measured over nine secrets, one set's mean accuracy
+    # (two classifiers) ranged 0.73-0.86; the mean of three sets stays above 0.72 with room, while
+    # images that never move give 0.50 (chance).
     train, test = mnist_56
-    synthetic = run(train, config=TINY, secret=SecretRandomness.fixed(0))
-    evaluation = evaluate_training_set(synthetic.as_image_set(), test, dataset_spec("mnist"), TINY_EVAL)
-    assert evaluation.mean > 0.75  # chance is 0.5
+    means = [
+        evaluate_training_set(run(train, config=TINY).as_image_set(), test, dataset_spec("mnist"), TINY_EVAL).mean
+        for _ in range(3)
+    ]
+    assert sum(means) / len(means) > 0.72, means
 
 
 def test_inner_training_set_holds_earlier_sets_and_placeholders_for_unseen_classes():
@@ -133,7 +135,7 @@ def test_earlier_sets_change_the_released_set_but_not_the_privacy_cost(mnist_56)
 
 
 def test_dsa_applies_one_augmentation_per_dp_step_to_the_real_batch_and_the_set_alike(mnist_56, monkeypatch):
-    from fedpsg.augment import AugmentationSampler, SiameseAugmentation
+    from fedpsg.data.augment import AugmentationSampler, SiameseAugmentation
 
     drawn, applied = [], []
 

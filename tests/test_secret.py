@@ -1,4 +1,4 @@
-"""fedpsg.secret.public_seed leaves no generator seeded with the public seed (checked without a GPU)."""
+"""fedpsg.dp.secret.public_seed leaves no generator seeded with the public seed (checked without a GPU)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from fedpsg import secret
+from fedpsg.dp import secret
 
 
 def test_public_seed_reseeds_no_cuda_generator_it_does_not_restore(monkeypatch):

@@ -70,9 +70,10 @@ def test_resume_with_different_settings_is_refused(tmp_path, data_dir, capsys):
     with pytest.raises(SystemExit):
         main(["--profile", "tiny", "--out", str(tmp_path)])
     assert "different settings" in capsys.readouterr().err
-    from fedpsg.config import resolve_settings
-    from fedpsg.coordinator import Coordinator, ResumeMismatchError
-    from fedpsg.data import load_images
+    from fedpsg.continual.coordinator import Coordinator
+    from fedpsg.data.datasets import load_images
+    from fedpsg.runs.folder import ResumeMismatchError
+    from fedpsg.runs.settings import resolve_settings
 
     settings = resolve_settings("split_fmnist", profile="tiny", out=tmp_path)
     with pytest.raises(ResumeMismatchError, match="different settings"):

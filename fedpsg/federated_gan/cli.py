@@ -16,9 +16,7 @@ import argparse
 import logging
 import sys
 
-from fedpsg.cli import add_common_arguments, positive_int
-from fedpsg.coordinator import ResumeMismatchError
-from fedpsg.data import DataNotFoundError, load_images
+from fedpsg.data.datasets import DataNotFoundError, load_images
 from fedpsg.federated_gan.config import (
     METHODS,
     SPLITS,
@@ -26,8 +24,11 @@ from fedpsg.federated_gan.config import (
     read_federated_scenario,
     resolve_federated_settings,
 )
-from fedpsg.scenario import read_scenario
-from fedpsg.simulated_parties import TRUST_HELP, prepare_parties
+from fedpsg.federated_gan.coordinator import FedGANRun
+from fedpsg.runs.cli import add_common_arguments, positive_int
+from fedpsg.runs.folder import ResumeMismatchError
+from fedpsg.runs.scenario import read_scenario
+from fedpsg.simulation import TRUST_HELP, prepare_parties, simulate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,9 +70,6 @@ def settings_from_args(args: argparse.Namespace) -> FedGANSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedpsg.federated_gan.coordinator import FedGANRun
-    from fedpsg.simulate import simulate
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

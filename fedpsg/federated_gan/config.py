@@ -9,12 +9,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fedpsg.config import apply_overrides, default_device, default_profile, format_epsilon, parse_overrides
-from fedpsg.data import dataset_spec
-from fedpsg.evaluation import EvalConfig
-from fedpsg.files import strict_json
+from fedpsg.data.datasets import dataset_spec
+from fedpsg.dp.accounting import ACCOUNTANTS, validate_budget
+from fedpsg.io.files import strict_json
 from fedpsg.methods import PROFILES
-from fedpsg.privacy import ACCOUNTANTS, validate_budget
+from fedpsg.nn.evaluation import EvalConfig
+from fedpsg.runs.settings import apply_overrides, default_device, default_profile, format_epsilon, parse_overrides
 
 KIND = "federated-gan"
 METHODS = ("fed-gswgan", "fedavg-gan")
@@ -138,7 +138,7 @@ class FedGANScenario:
 
 
 def read_federated_scenario(path: Path, values: Mapping[str, Any]) -> FedGANScenario:
-    from fedpsg.scenario import scenario_fields  # the continual scenarios' file reading
+    from fedpsg.runs.scenario import scenario_fields  # the continual scenarios' file reading
 
     scenario = FedGANScenario(**scenario_fields(path, values, FedGANScenario))
     scenario.validate()

@@ -22,7 +22,6 @@ grids/, checkpoints/, run.log, DONE.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
@@ -39,9 +38,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import RecordDict  # noqa: E402
 
-from fedpsg.coordinator import PartyError, PartyUnavailable, run_log, stored_run  # noqa: E402
-from fedpsg.data import ImageSet, dataset_spec, load_images  # noqa: E402
-from fedpsg.evaluation import evaluate_training_set  # noqa: E402
+from fedpsg.data.datasets import ImageSet, dataset_spec, load_images  # noqa: E402
+from fedpsg.data.synthetic import save_grid  # noqa: E402
 from fedpsg.federated_gan.config import FedGANSettings, round_parties  # noqa: E402
 from fedpsg.federated_gan.party import adam, new_critic, new_generator  # noqa: E402
 from fedpsg.federated_gan.protocol import (  # noqa: E402
@@ -53,10 +51,11 @@ from fedpsg.federated_gan.protocol import (  # noqa: E402
     message_bytes,
 )
 from fedpsg.federated_gan.split import party_classes  # noqa: E402
-from fedpsg.files import save_atomically, strict_json, write_text_atomically  # noqa: E402
+from fedpsg.io.files import save_atomically, write_csv, write_json, write_text_atomically  # noqa: E402
+from fedpsg.io.progress import Progress  # noqa: E402
 from fedpsg.methods.gswgan import sample_generator, update_average  # noqa: E402
-from fedpsg.progress import Progress  # noqa: E402
-from fedpsg.synthetic import save_grid  # noqa: E402
+from fedpsg.nn.evaluation import evaluate_training_set  # noqa: E402
+from fedpsg.runs.folder import PartyError, PartyUnavailable, run_log, stored_run  # noqa: E402
 
 log = logging.getLogger("fedpsg.federated_gan")
 
@@ -194,7 +193,7 @@ class FedGANRun:
         wanted = self.settings.identity()
         stored_run(self.out, wanted)  # raises if the folder holds a run with other settings
         self.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(self.out / "config.json", json.dumps(wanted, indent=2))
+        write_json(self.out / "config.json", wanted)
 
     def _checkpoint_path(self, method: str) -> Path:
         return self.out / "checkpoints" / f"{method}.pt"
@@ -327,10 +326,10 @@ class FedGANRun:
                 states[method] = torch.load(path, weights_only=False)["state"]
         evaluations = pd.DataFrame([row for s in states.values() for row in s.evaluations])
         rounds = pd.DataFrame([row for s in states.values() for row in s.rounds])
-        evaluations.to_csv(self.out / "results.csv", index=False)
-        rounds.to_csv(self.out / "rounds.csv", index=False)
+        write_csv(self.out / "results.csv", evaluations)
+        write_csv(self.out / "rounds.csv", rounds)
         privacy = {m: s.privacy for m, s in states.items()}
-        write_text_atomically(self.out / "privacy.json", json.dumps(strict_json(privacy), indent=2, allow_nan=False))
+        write_json(self.out / "privacy.json", privacy)
         final = evaluations.groupby("method").last() if len(evaluations) else pd.DataFrame()
         summary = {
             "settings": self.settings.identity(),
@@ -345,7 +344,7 @@ class FedGANRun:
             else {},
             "wall_seconds": {m: round(s.seconds, 1) for m, s in states.items()},
         }
-        write_text_atomically(self.out / "summary.json", json.dumps(strict_json(summary), indent=2, allow_nan=False))
+        write_json(self.out / "summary.json", summary)
         title = f"{self.settings.scenario.name}: {self.settings.num_partitions} parties, {self.settings.scenario.split}"
         write_text_atomically(self.out / "report.md", f"# {title}\n\n{markdown_table(evaluations)}")
         if len(evaluations):

@@ -21,7 +21,7 @@ User-level DP against an untrusted coordinator. The unit is the party's whole da
 other dataset each clipped row can move anywhere within its C-ball, so a reply's sensitivity is
 2 C sqrt(B) (as one GS-WGAN step). The coordinator sees every reply and chooses who takes part,
 so no amplification by subsampling is claimed: a party composes its own releases at sample
-rate 1. The noise comes from the party's secret randomness (:mod:`fedpsg.secret`).
+rate 1. The noise comes from the party's secret randomness (:mod:`fedpsg.dp.secret`).
 
 fedavg-gan. The baseline that exchanges parameters: the party trains the received generator
 and critic for ``local_steps`` GAN iterations on its data and returns both. Non-private: a party
@@ -39,12 +39,15 @@ from pathlib import Path
 
 import torch
 
-from fedpsg.data import dataset_spec, load_images
+from fedpsg.budget.ledger import Ledger, exclusive_lock
+from fedpsg.budget.policy import PartyPolicy, Refused
+from fedpsg.data.datasets import dataset_spec, load_images
+from fedpsg.dp.accounting import PrivacyRecord, epsilon_spent, private_record, validate_budget
+from fedpsg.dp.secret import SecretRandomness, public_seed
 from fedpsg.federated_gan.config import FedGANConfig, participations_per_party
 from fedpsg.federated_gan.protocol import GradientReply, ModelReply, RoundRequest
 from fedpsg.federated_gan.split import party_indices
-from fedpsg.files import save_atomically
-from fedpsg.ledger import Ledger, exclusive_lock
+from fedpsg.io.files import save_atomically
 from fedpsg.methods.gswgan import (
     ConditionalCritic,
     ConditionalGenerator,
@@ -53,9 +56,6 @@ from fedpsg.methods.gswgan import (
     sanitise,
     step_sensitivity,
 )
-from fedpsg.policy import PartyPolicy, Refused
-from fedpsg.privacy import PrivacyRecord, epsilon_spent, private_record, validate_budget
-from fedpsg.secret import SecretRandomness, public_seed
 
 MECHANISM = "gaussian (user-level: any change of the party's dataset; sensitivity 2*C*sqrt(B))"
 NON_PRIVATE = "none (non-private baseline: parameters trained on the data are sent as they are)"

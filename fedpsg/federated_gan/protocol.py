@@ -18,9 +18,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
+from fedpsg.dp.accounting import PrivacyRecord
 from fedpsg.federated_gan.config import FedGANConfig
-from fedpsg.privacy import PrivacyRecord
-from fedpsg.protocol import config_from_hyperparameters
+from fedpsg.runs.settings import config_from_hyperparameters
+from fedpsg.runs.wire import check_reply_keys, privacy_config, read_privacy
 
 GRADIENT_REPLY_KEYS = frozenset({"gradients", "privacy"})
 MODEL_REPLY_KEYS = frozenset({"generator", "critic", "privacy"})
@@ -68,22 +69,6 @@ class RoundRequest:
         )
 
 
-def _privacy_record(record: PrivacyRecord, releases: int) -> ConfigRecord:
-    values = {k: v for k, v in record.to_dict().items() if v is not None}
-    return ConfigRecord({**values, "releases": releases})
-
-
-def _read_privacy(content: RecordDict) -> tuple[PrivacyRecord, int]:
-    values = dict(content.config_records["privacy"])
-    return PrivacyRecord.from_dict(values), int(values["releases"])
-
-
-def _check_keys(content: RecordDict, allowed: frozenset[str]) -> None:
-    unexpected = set(content.keys()) - allowed
-    if unexpected:
-        raise ValueError(f"a party's reply may only carry {sorted(allowed)}, got extra {sorted(unexpected)}")
-
-
 # ----- fed-gswgan ------------------------------------------------------------------------------
 
 
@@ -108,16 +93,16 @@ def encode_gradient_reply(reply: GradientReply) -> RecordDict:
     return RecordDict(
         {
             "gradients": ArrayRecord({"gradients": reply.gradients.detach().cpu()}),
-            "privacy": _privacy_record(reply.privacy, reply.releases),
+            "privacy": privacy_config(reply.privacy, releases=reply.releases),
         }
     )
 
 
 def decode_gradient_reply(content: RecordDict) -> GradientReply:
-    _check_keys(content, GRADIENT_REPLY_KEYS)
-    privacy, releases = _read_privacy(content)
+    check_reply_keys(content, GRADIENT_REPLY_KEYS)
+    privacy, values = read_privacy(content)
     gradients = content.array_records["gradients"].to_torch_state_dict()["gradients"]
-    return GradientReply(gradients, privacy, releases)
+    return GradientReply(gradients, privacy, int(values["releases"]))
 
 
 # ----- fedavg-gan ------------------------------------------------------------------------------
@@ -152,17 +137,17 @@ def encode_model_reply(reply: ModelReply) -> RecordDict:
         {
             "generator": ArrayRecord(reply.generator),
             "critic": ArrayRecord(reply.critic),
-            "privacy": _privacy_record(reply.privacy, reply.releases),
+            "privacy": privacy_config(reply.privacy, releases=reply.releases),
         }
     )
 
 
 def decode_model_reply(content: RecordDict) -> ModelReply:
-    _check_keys(content, MODEL_REPLY_KEYS)
-    privacy, releases = _read_privacy(content)
+    check_reply_keys(content, MODEL_REPLY_KEYS)
+    privacy, values = read_privacy(content)
     return ModelReply(
         content.array_records["generator"].to_torch_state_dict(),
         content.array_records["critic"].to_torch_state_dict(),
         privacy,
-        releases,
+        int(values["releases"]),
     )

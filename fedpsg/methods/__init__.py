@@ -1,5 +1,7 @@
 """Party methods (synthesizers and baselines) and their registry; see ``fedpsg.methods.base``."""
 
+# Each built-in method registers itself (@register_method) when its module is imported.
+from fedpsg.methods import dpdm, dpmerf, dpsgd, gswgan, psg
 from fedpsg.methods.base import (
     PLUGINS_ENV,
     PROFILES,
@@ -11,14 +13,8 @@ from fedpsg.methods.base import (
     method_names,
     register_method,
 )
-from fedpsg.methods.dpdm import DPDM
-from fedpsg.methods.dpmerf import DPMerf
-from fedpsg.methods.dpsgd import DPSGD
-from fedpsg.methods.gswgan import GSWGAN
-from fedpsg.methods.psg import PSG
 
-for _method in (PSG(), DPSGD(), DPMerf(), DPDM(), GSWGAN()):  # one entry per built-in method
-    register_method(_method)
+BUILT_IN = (psg, dpsgd, dpmerf, dpdm, gswgan)  # the modules of the built-in methods
 
 __all__ = [
     "PLUGINS_ENV",

@@ -6,6 +6,7 @@ synthetic set (PSG, DP-Merf, dpdm) or a DP-trained model (DP-SGD). Everything el
 
 Adding one (see ``fedpsg/methods/psg.py`` for a full example)::
 
+    @register_method                                 # the one registration line
     class MyMethod(Method):
         name = "mine"
         label = "My method"
@@ -20,7 +21,8 @@ Adding one (see ``fedpsg/methods/psg.py`` for a full example)::
         def run(self, stage: PartyStage, config: MyConfig, secret: SecretRandomness | None = None) -> Release:
             ...
 
-    register_method(MyMethod())                      # in fedpsg/methods/__init__.py, or a plug-in module
+A built-in method's module is imported by ``fedpsg/methods/__init__.py``; a plug-in's module by
+``FEDPSG_PLUGINS``.
 
 Plug-in modules outside fedpsg are imported on first lookup from ``FEDPSG_PLUGINS`` (comma-
 separated module names), which also reaches Ray actors and SuperNodes through the environment.
@@ -33,16 +35,16 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
-from fedpsg.data import DatasetSpec, ImageSet
-from fedpsg.evaluation import EvalConfig
-from fedpsg.privacy import PrivacyRecord
-from fedpsg.progress import Progress
-from fedpsg.secret import SecretRandomness
+from fedpsg.data.datasets import DatasetSpec, ImageSet
+from fedpsg.dp.accounting import PrivacyRecord
+from fedpsg.dp.secret import SecretRandomness
+from fedpsg.io.progress import Progress
+from fedpsg.nn.evaluation import EvalConfig
 
 PROFILES = ("paper", "cpu", "tiny")
 RELEASES = ("synthetic", "model")
@@ -104,8 +106,13 @@ class Method(ABC):
 _REGISTRY: dict[str, Method] = {}
 
 
-def register_method(method: Method) -> Method:
-    """Add a method to the registry (checked: a preset and an evaluation for every profile)."""
+M = TypeVar("M", bound=type[Method])
+
+
+def register_method(cls: M) -> M:
+    """Class decorator: add one instance of the method to the registry (checked: a preset and an
+    evaluation for every profile, a known release kind, presets of its config class)."""
+    method = cls()
     missing = [p for p in PROFILES if p not in method.presets or p not in method.evaluation]
     if missing:
         raise ValueError(f"method {method.name!r} lacks presets or evaluation for profiles {missing}")
@@ -114,7 +121,7 @@ def register_method(method: Method) -> Method:
     if not all(isinstance(c, method.config_class) for c in method.presets.values()):
         raise TypeError(f"method {method.name!r}: presets must be {method.config_class.__name__} instances")
     _REGISTRY[method.name] = method
-    return method
+    return cls
 
 
 def _load_plugins() -> None:

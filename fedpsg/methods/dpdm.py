@@ -32,9 +32,9 @@ at ``B / N_c`` and accounts with this maximum too): the smallest class gets ``B`
 examples and larger classes more, at no extra privacy cost. Dividing by the *expected* batch
 size ``q N_c`` (not the drawn one) keeps the sensitivity at ``C / (q N_c)``; as in Opacus and
 PSG the class sizes are treated as public metadata. sigma is calibrated with
-:func:`fedpsg.privacy.private_record` so that exactly ``T`` steps at rate q cost the target
+:func:`fedpsg.dp.accounting.private_record` so that exactly ``T`` steps at rate q cost the target
 (epsilon, delta). Batch membership and noise come from the party's :class:`SecretRandomness`;
-every noisy release goes through :func:`fedpsg.privacy.gaussian_mechanism`, once per class
+every noisy release goes through :func:`fedpsg.dp.mechanisms.gaussian_mechanism`, once per class
 and iteration. The public ``seed`` drives only the networks, the augmentation and the
 synthetic initialisation (N(0, 1) noise: initialising from real images would leak them).
 
@@ -52,16 +52,17 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from fedpsg.augment import AugmentationSampler, SiameseAugmentation
-from fedpsg.data import DatasetSpec, ImageSet
-from fedpsg.dp_gradient import check_examples_independent
-from fedpsg.evaluation import SMALL_SET_EVALUATION
-from fedpsg.methods.base import Method, PartyStage, Release
-from fedpsg.models import available_models, build_model
-from fedpsg.privacy import ACCOUNTANTS, PrivacyRecord, gaussian_mechanism, private_record
-from fedpsg.progress import Progress
-from fedpsg.secret import SecretRandomness, public_seed
-from fedpsg.synthetic import SyntheticSet
+from fedpsg.data.augment import AugmentationSampler, SiameseAugmentation
+from fedpsg.data.datasets import DatasetSpec, ImageSet
+from fedpsg.data.synthetic import SyntheticSet
+from fedpsg.dp.accounting import ACCOUNTANTS, PrivacyRecord, private_record
+from fedpsg.dp.gradients import check_examples_independent
+from fedpsg.dp.mechanisms import gaussian_mechanism, poisson_sample
+from fedpsg.dp.secret import SecretRandomness, public_seed
+from fedpsg.io.progress import Progress
+from fedpsg.methods.base import Method, PartyStage, Release, register_method
+from fedpsg.nn.evaluation import SMALL_SET_EVALUATION
+from fedpsg.nn.models import available_models, build_model
 
 __all__ = [
     "DPDM",
@@ -70,7 +71,7 @@ __all__ = [
     "clip_embeddings",
     "embed",
     "generate_dpdm_set",
-    "poisson_indices",
+    "poisson_sample",
     "privacy_of",
 ]
 
@@ -153,11 +154,6 @@ def clip_embeddings(embeddings: torch.Tensor, max_norm: float, *, detach_scale: 
     norms = torch.linalg.vector_norm(embeddings, dim=1, keepdim=True)
     scale = (max_norm / (norms + 1e-12)).clamp(max=1.0)
     return embeddings * (scale.detach() if detach_scale else scale)
-
-
-def poisson_indices(n: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
-    """Indices of a Poisson batch: each of ``n`` examples is in it independently with prob. ``sample_rate``."""
-    return (torch.rand(n, generator=generator) < sample_rate).nonzero().flatten()
 
 
 def _class_sizes(data: ImageSet, classes: list[int]) -> list[int]:
@@ -256,7 +252,7 @@ def generate_dpdm_set(
 
         # Private side: forward passes only, no gradients. One Gaussian release per class and
         # iteration, whether its Poisson batch is empty or not.
-        batches = [images[poisson_indices(len(images), q, secret.sampling).to(device)] for images in per_class]
+        batches = [images[poisson_sample(len(images), q, secret.sampling).to(device)] for images in per_class]
         with torch.no_grad():
             real = torch.cat(batches)
             chunks = [_features(net, augment, chunk, config.max_norm) for chunk in real.split(_CHUNK)]
@@ -298,6 +294,7 @@ def generate_dpdm_set(
     )
 
 
+@register_method
 class DPDM(Method):
     """DP distribution matching (NDPDC) as a party method: a small DP synthetic set per stage."""
 

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedpsg.data import ImageSet, dataset_spec, partition_class_indices
-from fedpsg.evaluation import EvalConfig
-from fedpsg.methods.base import Method, PartyStage, Release
-from fedpsg.privacy import PrivacyRecord, gaussian_mechanism, private_record, validate_budget
-from fedpsg.progress import Progress
-from fedpsg.secret import SecretRandomness, public_seed, secret_generator
+from fedpsg.data.datasets import ImageSet, dataset_spec, partition_class_indices
+from fedpsg.dp.accounting import PrivacyRecord, private_record, validate_budget
+from fedpsg.dp.mechanisms import gaussian_mechanism
+from fedpsg.dp.secret import SecretRandomness, public_seed, secret_generator
+from fedpsg.io.progress import Progress
+from fedpsg.methods.base import Method, PartyStage, Release, register_method
+from fedpsg.nn.evaluation import EvalConfig
 
 EXAMPLE_ADJACENCIES = ("add-remove", "replace-one")  # the neighbourhoods its sensitivity is derived for
 
@@ -373,6 +374,7 @@ def dpmerf_generate(
     return ImageSet(images.float(), class_ids[index_labels].long()), record
 
 
+@register_method
 class DPMerf(Method):
     name = "dpmerf"
     label = "DP-Merf"

@@ -20,12 +20,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedpsg.data import ImageSet
-from fedpsg.evaluation import SMALL_SET_EVALUATION
-from fedpsg.methods.base import Method, PartyStage, Release
-from fedpsg.privacy import PrivacyRecord, private_record, validate_budget
-from fedpsg.progress import Progress, silent
-from fedpsg.secret import SecretRandomness
+from fedpsg.data.datasets import ImageSet
+from fedpsg.dp.accounting import PrivacyRecord, private_record, validate_budget
+from fedpsg.dp.secret import SecretRandomness
+from fedpsg.io.progress import Progress, silent
+from fedpsg.methods.base import Method, PartyStage, Release, register_method
+from fedpsg.nn.evaluation import SMALL_SET_EVALUATION
 
 __all__ = ["DPSGD", "DPSGDConfig", "DPSGDSchedule", "dpsgd_finetune", "dpsgd_schedule", "privacy_of"]
 
@@ -145,7 +145,7 @@ def dpsgd_finetune(
             noise_generator=secret.noise,
         )
         # secure_mode's noise (sum of four draws, halved) defeats floating-point attacks; the
-        # optimizer reads this flag at every step (as fedpsg.privacy.gaussian_mechanism does).
+        # optimizer reads this flag at every step (as fedpsg.dp.mechanisms.gaussian_mechanism does).
         optimizer.secure_mode = True
         # sigma was calibrated for a planned schedule: it must be exactly what Opacus will run.
         if loader.sample_rate != schedule.sample_rate or len(loader) != schedule.steps_per_epoch:
@@ -198,6 +198,7 @@ def _train(
             progress.step()
 
 
+@register_method
 class DPSGD(Method):
     """The naive baseline: finetune the received classifier on the party's data, release the model."""
 

@@ -39,8 +39,8 @@ A the (common) mixture over the other critics; by joint convexity A reduces to o
 inside the same ball, and the worst case is then the Poisson-subsampled Gaussian pair at
 sensitivity Delta (checked numerically in one dimension), which is what Opacus's accountant
 composes: T steps at rate q with noise multiplier sigma = s / Delta, calibrated by
-:func:`fedpsg.privacy.private_record`. Every release goes through
-:func:`fedpsg.privacy.gaussian_mechanism`, once per generator step.
+:func:`fedpsg.dp.accounting.private_record`. Every release goes through
+:func:`fedpsg.dp.mechanisms.gaussian_mechanism`, once per generator step.
 
 Two differences from the authors' code (DingfanChen/GS-WGAN), both about accounting:
 
@@ -62,7 +62,7 @@ treats each step's choice as an independent subsampling.
 
 Randomness. The subset assignment, the picks and the critics' real batches come from the
 party's secret sampling stream, the noise from its secret noise stream
-(:class:`fedpsg.secret.SecretRandomness`). The public ``seed`` drives the network
+(:class:`fedpsg.dp.secret.SecretRandomness`). The public ``seed`` drives the network
 initialisations, the latent codes and labels, the gradient-penalty interpolation and the
 sampling of the release.
 
@@ -85,12 +85,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedpsg.data import DatasetSpec, ImageSet, partition_class_indices
-from fedpsg.evaluation import EvalConfig
-from fedpsg.methods.base import Method, PartyStage, Release
-from fedpsg.privacy import ACCOUNTANTS, PrivacyRecord, gaussian_mechanism, private_record, validate_budget
-from fedpsg.progress import Progress
-from fedpsg.secret import SecretRandomness, public_seed
+from fedpsg.data.datasets import DatasetSpec, ImageSet, partition_class_indices
+from fedpsg.dp.accounting import ACCOUNTANTS, PrivacyRecord, private_record, validate_budget
+from fedpsg.dp.mechanisms import gaussian_mechanism
+from fedpsg.dp.secret import SecretRandomness, public_seed
+from fedpsg.io.progress import Progress
+from fedpsg.methods.base import Method, PartyStage, Release, register_method
+from fedpsg.nn.evaluation import EvalConfig
 
 __all__ = [
     "GSWGAN",
@@ -615,6 +616,7 @@ def gswgan_generate(
     return ImageSet(spec.normalise(images).float(), class_ids[index_labels].long()), record
 
 
+@register_method
 class GSWGAN(Method):
     """GS-WGAN as a party method: a DP conditional generator, released as a synthetic set."""
 

@@ -13,7 +13,7 @@ matches the DP-sanitised gradient it computes on the private data D:
 
 Only g_D touches D, so the whole run is R*T*K subsampled Gaussian mechanisms; sigma is
 calibrated so that their composition costs exactly the target (epsilon, delta). The batches'
-membership and the noise come from the party's secret randomness (:mod:`fedpsg.secret`); the
+membership and the noise come from the party's secret randomness (:mod:`fedpsg.dp.secret`); the
 public ``seed`` only initialises the networks and the synthetic images.
 """
 
@@ -26,17 +26,18 @@ import torch
 from torch.autograd.profiler import record_function
 from torch.nn import functional as F
 
-from fedpsg.augment import AugmentationSampler
-from fedpsg.data import DatasetSpec, ImageSet
-from fedpsg.dp_gradient import private_gradient
-from fedpsg.evaluation import SMALL_SET_EVALUATION
-from fedpsg.matching import matching_distance
-from fedpsg.methods.base import Method, PartyStage, Release
-from fedpsg.models import INITIALISATIONS, build_model
-from fedpsg.privacy import PrivacyRecord, private_record
-from fedpsg.progress import Progress
-from fedpsg.secret import SecretRandomness, public_seed
-from fedpsg.synthetic import SyntheticSet
+from fedpsg.data.augment import AugmentationSampler
+from fedpsg.data.datasets import DatasetSpec, ImageSet
+from fedpsg.data.synthetic import SyntheticSet
+from fedpsg.dp.accounting import PrivacyRecord, private_record
+from fedpsg.dp.gradients import private_gradient
+from fedpsg.dp.mechanisms import poisson_sample
+from fedpsg.dp.secret import SecretRandomness, public_seed
+from fedpsg.io.progress import Progress
+from fedpsg.methods.base import Method, PartyStage, Release, register_method
+from fedpsg.nn.evaluation import SMALL_SET_EVALUATION
+from fedpsg.nn.matching import matching_distance
+from fedpsg.nn.models import INITIALISATIONS, build_model
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,6 @@ class PSGConfig:
             raise ValueError("inner_loop must be >= 0 and max_grad_norm, lr_images, lr_net > 0")
         if self.init not in INITIALISATIONS:
             raise ValueError(f"init must be one of {INITIALISATIONS}, got {self.init!r}")
-
-
-def poisson_batch(n: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
-    """Indices of a Poisson-sampled batch: each of ``n`` examples is in it with prob. ``sample_rate``."""
-    return (torch.rand(n, generator=generator) < sample_rate).nonzero().flatten()
 
 
 def _plain_gradient(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
@@ -148,7 +144,7 @@ def generate_private_set(
             for _ in range(config.batch_loop):
                 augment = augmentations() if augmentations else None
                 with record_function("psg.dp_real_gradient"):
-                    batch = poisson_batch(n, sample_rate, secret.sampling).to(device)
+                    batch = poisson_sample(n, sample_rate, secret.sampling).to(device)
                     x, y = real_images[batch], real_labels[batch]
                     x = augment(x) if augment is not None else x
                     if private:
@@ -231,6 +227,7 @@ def privacy_of(config: PSGConfig, n: int, epsilon: float, delta: float) -> Priva
     )
 
 
+@register_method
 class PSG(Method):
     name = "psg"
     label = "PSG (ours)"

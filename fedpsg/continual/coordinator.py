@@ -6,7 +6,7 @@ DP release on disk as soon as it arrives, replays the union of the sets received
 train a classifier, evaluates it on the real test images of all classes seen so far, and
 writes the results. A run resumes from its output folder: finished stages are loaded, not
 redone. ``parties`` is anything with ``discover`` and ``send``: Flower's Grid in the ServerApp
-(``server/app.py``), or parties in this process (``fedpsg.local``).
+(``server/app.py``), or parties in this process (``fedpsg.continual.local``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
@@ -24,28 +22,17 @@ from typing import Protocol
 import pandas as pd
 import torch
 
-from fedpsg.config import RunSettings, format_epsilon
-from fedpsg.data import ImageSet, dataset_spec, load_images
-from fedpsg.evaluation import Evaluation, accuracy_by_group, evaluate_training_set, new_classifier, train_classifier
-from fedpsg.files import save_atomically, write_text_atomically
+from fedpsg.continual.protocol import StageReply, TrainRequest
+from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
+from fedpsg.data.synthetic import SyntheticSet, save_grid
+from fedpsg.io.files import save_atomically, write_json
 from fedpsg.methods import get_method
-from fedpsg.protocol import StageReply, TrainRequest
-from fedpsg.results import accuracy_table, write_results, write_summary
-from fedpsg.synthetic import SyntheticSet, save_grid
+from fedpsg.nn.evaluation import Evaluation, accuracy_by_group, evaluate_training_set, new_classifier, train_classifier
+from fedpsg.runs.folder import PartyError, PartyUnavailable, run_log, stored_run
+from fedpsg.runs.results import accuracy_table, write_results, write_summary
+from fedpsg.runs.settings import RunSettings, format_epsilon
 
-log = logging.getLogger("fedpsg.coordinator")
-
-
-class ResumeMismatchError(RuntimeError):
-    """The output folder holds a run with different settings."""
-
-
-class PartyError(RuntimeError):
-    """A party failed or did not answer in time."""
-
-
-class PartyUnavailable(PartyError):
-    """The party's node went away (or never answered): worth waiting for it to come back."""
+log = logging.getLogger("fedpsg.continual.coordinator")
 
 
 class Parties(Protocol):
@@ -56,26 +43,6 @@ class Parties(Protocol):
 
     def send(self, request: TrainRequest, timeout: float) -> StageReply:
         """Run one stage on ``request.partition``; raise PartyUnavailable / PartyError."""
-
-
-def stored_run(out: Path, wanted: dict) -> dict | None:
-    """The identity stored in ``out/config.json`` (None if there is no run there); raises if it
-    is a different run. Settings must match, except that under ``methods`` only the methods
-    both runs have must agree (a run can be resumed with methods added)."""
-    config_path = out / "config.json"
-    if not config_path.exists():
-        return None
-    found = json.loads(config_path.read_text())
-    changed = sorted(k for k in wanted if k != "methods" and found.get(k) != wanted.get(k))
-    found_methods = found.get("methods", {})
-    changed += sorted(
-        m for m, values in wanted.get("methods", {}).items() if m in found_methods and found_methods[m] != values
-    )
-    if changed:
-        raise ResumeMismatchError(
-            f"{out} holds a run with different settings ({', '.join(changed)}); use another --out or delete it"
-        )
-    return found
 
 
 def check_resumable(settings: RunSettings) -> bool:
@@ -190,7 +157,7 @@ class Coordinator:
             log.info("resuming the run in %s", self.out)
             identity["methods"] = {**found["methods"], **identity["methods"]}
         self.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(self.out / "config.json", json.dumps(identity, indent=2))
+        write_json(self.out / "config.json", identity)
 
     # ----- stage bookkeeping --------------------------------------------------------------------
     def is_done(self, method: str, stage: int) -> bool:
@@ -222,7 +189,7 @@ class Coordinator:
         else:
             self._save_model(method, stage, reply.model_state)
         receipt = {"privacy": reply.privacy.to_dict(), "party_seconds": party_seconds}
-        write_text_atomically(self._receipt_path(method, stage), json.dumps(receipt, indent=2))
+        write_json(self._receipt_path(method, stage), receipt)
         return self.evaluate_stage(method, stage, party_seconds, reply.privacy.to_dict())
 
     def resume_stage(self, method: str, stage: int) -> dict:
@@ -280,7 +247,7 @@ class Coordinator:
             "party_seconds": round(party_seconds, 2),
             "eval_seconds": round(time.perf_counter() - started, 2),
         }
-        write_text_atomically(self._row_path(method, stage), json.dumps(row, indent=2))
+        write_json(self._row_path(method, stage), row)
         log.info("%s stage %d: accuracy over seen classes %.2f%%", method, stage, 100 * evaluation.mean)
         self.write_outputs()
         return row
@@ -317,21 +284,3 @@ class Coordinator:
                 images = torch.cat([s.images for s in sets])
                 labels = torch.cat([s.labels for s in sets])
                 save_grid(images, labels, self.spec.name, self.out / "grids" / f"{method}-all.png")
-
-
-@contextmanager
-def run_log(path: Path) -> Iterator[None]:
-    """Copy the fedpsg loggers' INFO lines into the run folder's run.log while the run lasts."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("fedpsg")
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-        handler.close()

@@ -1,6 +1,6 @@
 """Command-line pieces shared by ``fedpsg.simulate``, ``fedpsg.generate`` and ``fedpsg.deploy``.
 
-Flags parse with the functions of ``fedpsg.config``, so a value means the same thing on every
+Flags parse with the functions of ``fedpsg.runs.settings``, so a value means the same thing on every
 command line, in ``flwr run --run-config`` and in the compose environment.
 """
 
@@ -12,7 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpsg.config import (
+from fedpsg.data.datasets import DATA_DIR_ENV, DatasetSpec, dataset_spec, validate_classes
+from fedpsg.methods import PROFILES, Method, get_method, method_names
+from fedpsg.nn.evaluation import EvalConfig
+from fedpsg.runs.scenario import REPLAY_MODES, available_scenarios
+from fedpsg.runs.settings import (
     DEFAULT_RECONNECT_TIMEOUT,
     DEFAULT_SCENARIO,
     DEFAULT_STAGE_RETRIES,
@@ -27,10 +31,6 @@ from fedpsg.config import (
     resolve_settings,
     split_sections,
 )
-from fedpsg.data import DATA_DIR_ENV, DatasetSpec, dataset_spec, validate_classes
-from fedpsg.evaluation import EvalConfig
-from fedpsg.methods import PROFILES, Method, get_method, method_names
-from fedpsg.scenario import REPLAY_MODES, available_scenarios
 
 
 def _argument_type(parse: Callable, name: str) -> Callable:

@@ -25,8 +25,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fedpsg.privacy import gaussian_mechanism
-from fedpsg.secret import secret_generator
+from fedpsg.dp.mechanisms import gaussian_mechanism
+from fedpsg.dp.secret import secret_generator
 
 GradSampler = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[nn.Parameter, torch.Tensor]]
 
@@ -242,7 +242,7 @@ def private_gradient(
 ) -> list[torch.Tensor]:
     """The Gaussian mechanism on the clipped sum: ``(sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / B``.
 
-    One release (one call of :func:`fedpsg.privacy.gaussian_mechanism`) per call. ``generator``
+    One release (one call of :func:`fedpsg.dp.mechanisms.gaussian_mechanism`) per call. ``generator``
     is the party's secret noise source (default: fresh OS entropy). Dividing by the *expected* batch size (not the drawn
     one) keeps the sensitivity at C/B under Poisson sampling, as in Opacus.
     """

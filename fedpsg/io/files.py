@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -38,3 +39,13 @@ def strict_json(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [strict_json(v) for v in value]
     return value
+
+
+def write_json(path: str | Path, value: Any) -> Path:
+    """``value`` as indented strict JSON (infinite epsilons as strings), written atomically."""
+    return write_text_atomically(path, json.dumps(strict_json(value), indent=2, default=str, allow_nan=False))
+
+
+def write_csv(path: str | Path, frame: Any) -> Path:
+    """A pandas frame as CSV without its index, written atomically."""
+    return write_atomically(path, lambda partial: frame.to_csv(partial, index=False))

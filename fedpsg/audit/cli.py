@@ -9,8 +9,8 @@ non-private runs.
 
 The first form measures, for every released set of the run (``RUN_DIR/sets``), how close its
 images are to the party's training images against equally many held-out test images
-(:mod:`fedpsg.memorisation`). The second runs one party's method with canaries and turns the
-canaries' scores into an empirical lower bound on epsilon (:mod:`fedpsg.canary_audit`), next to
+(:mod:`fedpsg.audit.memorisation`). The second runs one party's method with canaries and turns the
+canaries' scores into an empirical lower bound on epsilon (:mod:`fedpsg.audit.canary`), next to
 two positive controls (non-private, and noise removed) that show whether the audit can catch a
 leak at all. Both write ``audit.json``, ``audit.md`` and pictures (``--out``; default the sibling
 ``RUN_DIR.private-audit`` or ``runs/audit-...``). These hold raw training images and non-DP
@@ -27,25 +27,25 @@ from pathlib import Path
 
 import torch
 
-from fedpsg.canary_audit import VARIANTS, AuditRun, mislabeled_canaries, run_audit, verdict
-from fedpsg.cli import add_common_arguments, int_list, party_settings, positive_int
-from fedpsg.config import (
-    format_epsilon,
-)
-from fedpsg.data import (
+from fedpsg.audit.canary import VARIANTS, AuditRun, mislabeled_canaries, run_audit, verdict
+from fedpsg.audit.memorisation import measure_memorisation, save_nearest_pairs
+from fedpsg.budget.ledger import Ledger
+from fedpsg.budget.policy import Refused, default_state_dir, load_policy
+from fedpsg.data.datasets import (
     DataNotFoundError,
     ImageSet,
     dataset_spec,
     load_images,
     stage_classes,
 )
-from fedpsg.evaluation import new_classifier
-from fedpsg.files import strict_json
-from fedpsg.ledger import Ledger
-from fedpsg.memorisation import measure_memorisation, save_nearest_pairs
+from fedpsg.data.synthetic import SyntheticSet
+from fedpsg.io.files import write_json, write_text_atomically
 from fedpsg.methods import PartyStage, method_names
-from fedpsg.policy import Refused, default_state_dir, load_policy
-from fedpsg.synthetic import SyntheticSet
+from fedpsg.nn.evaluation import new_classifier
+from fedpsg.runs.cli import add_common_arguments, int_list, party_settings, positive_int
+from fedpsg.runs.settings import (
+    format_epsilon,
+)
 
 log = logging.getLogger("fedpsg.audit")
 
@@ -229,9 +229,9 @@ def _canary_markdown(report: dict) -> str:
 
 def _write(out: Path, report: dict, markdown: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / PRIVATE_MARKER).write_text(PRIVATE_NOTICE)
-    (out / "audit.json").write_text(json.dumps(strict_json(report), indent=2, default=str, allow_nan=False))
-    (out / "audit.md").write_text(markdown)
+    write_text_atomically(out / PRIVATE_MARKER, PRIVATE_NOTICE)
+    write_json(out / "audit.json", report)
+    write_text_atomically(out / "audit.md", markdown)
     print(markdown)
     print(f"wrote {out}/audit.json, audit.md and pictures")
     print(f"PRIVATE: {out} holds raw training images and non-DP distances; do not share it (see {PRIVATE_MARKER})")

@@ -44,14 +44,14 @@ import opacus.optimizers.optimizer as opacus_optimizer
 import torch
 from torch.nn import functional as F
 
-import fedpsg.privacy
-from fedpsg.data import DatasetSpec, ImageSet
-from fedpsg.evaluation import EvalConfig, new_classifier, train_classifier
-from fedpsg.ledger import Ledger
+import fedpsg.dp.mechanisms
+from fedpsg.budget.charge import charged_run
+from fedpsg.budget.ledger import Ledger
+from fedpsg.budget.policy import PartyPolicy
+from fedpsg.data.datasets import DatasetSpec, ImageSet
+from fedpsg.data.synthetic import to_pixels
 from fedpsg.methods import Method, PartyStage, Release
-from fedpsg.party import charged_run
-from fedpsg.policy import PartyPolicy
-from fedpsg.synthetic import to_pixels
+from fedpsg.nn.evaluation import EvalConfig, new_classifier, train_classifier
 
 CONFIDENCE = 0.95
 GUESS_FRACTIONS = (0.05, 0.1, 0.2, 0.5, 1.0)  # share of the canaries guessed (half "in", half "out")
@@ -201,7 +201,7 @@ def noise_removed() -> Iterator[None]:
         return torch.zeros_like(reference)
 
     with (
-        mock.patch.object(fedpsg.privacy, "_generate_noise", zero_noise),
+        mock.patch.object(fedpsg.dp.mechanisms, "_generate_noise", zero_noise),
         mock.patch.object(opacus_optimizer, "_generate_noise", zero_noise),
     ):
         yield

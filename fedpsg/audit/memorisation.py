@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from fedpsg.data import DatasetSpec, ImageSet
-from fedpsg.synthetic import to_pixels
+from fedpsg.data.datasets import DatasetSpec, ImageSet
+from fedpsg.data.synthetic import to_pixels
 
 NEAR_COPY_QUANTILE = 0.01
 

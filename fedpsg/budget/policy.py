@@ -20,7 +20,7 @@ A policy file (YAML; every key optional)::
     share: {parties: 5, split: iid, seed: 0}   # federated-GAN scenarios: its share of the data
 
 A request that the policy does not allow is refused with :class:`Refused` before any private
-data is read. The lifetime budget itself is enforced by :mod:`fedpsg.ledger`.
+data is read. The lifetime budget itself is enforced by :mod:`fedpsg.budget.ledger`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import yaml
 
-from fedpsg.data import dataset_spec
-from fedpsg.privacy import validate_budget
+from fedpsg.data.datasets import dataset_spec
+from fedpsg.dp.accounting import validate_budget
 
 POLICY_ENV = "FEDPSG_PARTY_POLICY"
 STATE_DIR_ENV = "FEDPSG_PARTY_STATE_DIR"

@@ -13,12 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
-from fedpsg.augment import crop_scale_rotate
-from fedpsg.data import DatasetSpec, ImageSet
-from fedpsg.models import build_model
-from fedpsg.secret import public_seed
+from fedpsg.data.augment import crop_scale_rotate
+from fedpsg.data.datasets import DatasetSpec, ImageSet
+from fedpsg.dp.secret import public_seed
+from fedpsg.nn.models import build_model
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,6 @@ def train_classifier(
     config: EvalConfig,
     device: str | torch.device = "cpu",
     seed: int = 0,
-    progress: bool = False,
     model: nn.Module | None = None,
 ) -> nn.Module:
     """Train a classifier (``spec.num_classes`` outputs) on ``train``: ``model`` if given, else a fresh one."""
@@ -104,7 +102,7 @@ def train_classifier(
     )
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[config.epochs // 2], gamma=0.1)
     model.train()
-    for _ in tqdm(range(config.epochs), desc="eval-train", leave=False, disable=not progress):
+    for _ in range(config.epochs):
         order = torch.randperm(len(labels), generator=generator, device=device)
         for start in range(0, len(labels), config.batch_size):
             batch = order[start : start + config.batch_size]
@@ -150,13 +148,12 @@ def evaluate_training_set(
     groups: list[list[int]] | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
-    progress: bool = False,
 ) -> Evaluation:
     """Train ``config.num_evals`` fresh classifiers on ``train``; test each on ``test``."""
     groups = groups or []
     accuracies, per_group, first = [], [[] for _ in groups], None
     for run in range(config.num_evals):
-        model = train_classifier(train, spec, config, device, seed=seed + run, progress=progress)
+        model = train_classifier(train, spec, config, device, seed=seed + run)
         overall, by_group = accuracy_by_group(model, test, groups, device)
         accuracies.append(overall)
         for slot, value in zip(per_group, by_group):

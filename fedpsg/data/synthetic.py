@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from fedpsg.data import DatasetSpec, ImageSet, dataset_spec
-from fedpsg.files import save_atomically
-from fedpsg.privacy import PrivacyRecord
+from fedpsg.data.datasets import DatasetSpec, ImageSet, dataset_spec
+from fedpsg.dp.accounting import PrivacyRecord
+from fedpsg.io.files import save_atomically
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from fedpsg.data import DatasetSpec
+from fedpsg.data.datasets import DatasetSpec
 
 
 def crop_scale_rotate(

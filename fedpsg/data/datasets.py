@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torchvision import datasets
 
-from fedpsg.files import write_atomically
+from fedpsg.io.files import write_atomically
 
 DATA_DIR_ENV = "FEDPSG_DATA_DIR"
 DEFAULT_DOWNLOAD_DIR = Path("data")

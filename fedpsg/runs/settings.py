@@ -27,11 +27,11 @@ from typing import Any
 import torch
 import yaml
 
-from fedpsg.evaluation import EvalConfig
-from fedpsg.files import strict_json
+from fedpsg.dp.accounting import validate_budget
+from fedpsg.io.files import strict_json
 from fedpsg.methods import PROFILES, get_method
-from fedpsg.privacy import validate_budget
-from fedpsg.scenario import REPLAY_MODES, Scenario, load_scenario
+from fedpsg.nn.evaluation import EvalConfig
+from fedpsg.runs.scenario import REPLAY_MODES, Scenario, load_scenario
 
 DEFAULT_SCENARIO = "split_fmnist"
 DEFAULT_STAGE_TIMEOUT = 3600.0  # seconds the coordinator waits for one party's reply
@@ -97,6 +97,15 @@ def _coerce(config_class: type, key: str, value: Any) -> Any:
             return str(value)
     names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
     raise ValueError(f"expected {names}, got {value!r}")
+
+
+def config_from_hyperparameters(config_class: type, values: dict):
+    """Rebuild a frozen config dataclass from a request's hyperparameters (unknown keys rejected)."""
+    names = {f.name for f in fields(config_class)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown {config_class.__name__} settings in request: {sorted(unknown)}")
+    return config_class(**values)
 
 
 def apply_overrides(config: Any, values: Mapping[str, Any], section: str) -> Any:

@@ -12,10 +12,9 @@ import math
 import warnings
 from dataclasses import asdict, dataclass
 
-import torch
-from opacus.accountants import PRVAccountant
+from opacus.accountants import create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.optimizers.optimizer import _generate_noise
+from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANTS = ("rdp", "prv")
 # Neighbouring datasets: one example added or removed (Opacus, PSG, DP-SGD), replaced by
@@ -66,31 +65,31 @@ def validate_budget(epsilon: float, delta: float) -> None:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
 
 
-def epsilon_spent(
-    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp"
-) -> float:
-    """Epsilon of ``steps`` compositions of the subsampled Gaussian mechanism."""
-    if noise_multiplier <= 0:
-        return math.inf
+def _options(accountant: str, delta: float) -> dict:
+    """How precisely each Opacus accountant converts to epsilon: our order grid, or PRV's error bounds."""
     if accountant == "rdp":
-        epsilon, _ = _rdp_epsilon(noise_multiplier, sample_rate, steps, delta)
-        return epsilon
+        return {"alphas": list(RDP_ORDERS)}
     if accountant == "prv":
-        prv = PRVAccountant()
-        prv.history = [(noise_multiplier, sample_rate, steps)]
-        return float(prv.get_epsilon(delta=delta, eps_error=0.01 * 0.1, delta_error=delta / 1000))
+        return {"eps_error": 1e-3, "delta_error": delta / 1000}
     raise ValueError(f"unknown accountant {accountant!r}; available: {', '.join(ACCOUNTANTS)}")
 
 
-def _rdp_epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> tuple[float, float]:
-    rdp = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=RDP_ORDERS)
-    epsilon, best_order = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
-    return float(epsilon), float(best_order)
+def epsilon_spent(
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp"
+) -> float:
+    """Epsilon of ``steps`` compositions of the subsampled Gaussian mechanism (Opacus's accountant)."""
+    options = _options(accountant, delta)
+    if noise_multiplier <= 0:
+        return math.inf
+    counter = create_accountant(mechanism=accountant)
+    counter.history = [(noise_multiplier, sample_rate, steps)]
+    return float(counter.get_epsilon(delta=delta, **options))
 
 
 def best_rdp_order(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
     """The RDP order at which the epsilon bound is attained (tests check it is interior)."""
-    return _rdp_epsilon(sigma, sample_rate, steps, delta)[1]
+    rdp = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=RDP_ORDERS)
+    return float(rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)[1])
 
 
 def calibrate_noise(
@@ -103,7 +102,8 @@ def calibrate_noise(
 ) -> float:
     """Smallest noise multiplier whose run costs ``target_epsilon`` (to ``rel_tol``, never above).
 
-    Returns 0.0 for ``target_epsilon = inf`` (non-private reference runs).
+    Opacus's bisection (``get_noise_multiplier``) on our accountant settings; returns 0.0 for
+    ``target_epsilon = inf`` (non-private reference runs).
     """
     validate_budget(target_epsilon, delta)
     if math.isinf(target_epsilon):
@@ -112,25 +112,18 @@ def calibrate_noise(
         raise ValueError(f"need 0 < sample_rate <= 1 and steps >= 1, got {sample_rate}, {steps}")
     if accountant == "prv":
         rel_tol = max(rel_tol, 1e-3)  # PRV's own discretisation error is of this order
-
-    def eps(sigma: float) -> float:
-        return epsilon_spent(sigma, sample_rate, steps, delta, accountant)
-
-    low, high = 1e-3, 1.0
-    while eps(high) > target_epsilon:
-        low, high = high, high * 2
-        if high > 1e6:
-            raise ValueError(f"epsilon={target_epsilon} is unreachable with delta={delta}")
-    # Invariant: eps(high) <= target < eps(low).
-    while True:
-        spent = eps(high)
-        if spent >= target_epsilon * (1 - rel_tol) or high - low < 1e-12:
-            break
-        mid = 0.5 * (low + high)
-        if eps(mid) > target_epsilon:
-            low = mid
-        else:
-            high = mid
+    try:
+        high = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=target_epsilon * rel_tol,
+            **_options(accountant, delta),
+        )
+    except ValueError as err:  # Opacus: "The privacy budget is too low."
+        raise ValueError(f"epsilon={target_epsilon} is unreachable with delta={delta}") from err
     if accountant == "rdp":
         order = best_rdp_order(high, sample_rate, steps, delta)
         if order in (RDP_ORDERS[0], RDP_ORDERS[-1]):
@@ -169,20 +162,3 @@ def private_record(
         adjacency=adjacency,
         dataset_size=dataset_size,
     )
-
-
-def gaussian_mechanism(
-    values: list[torch.Tensor], std: float, generator: torch.Generator, *, secure: bool = True
-) -> list[torch.Tensor]:
-    """One release of the Gaussian mechanism: ``value + N(0, std^2 I)`` for every tensor.
-
-    Every noisy release in fedpsg (each DP real-gradient step of PSG, DP-Merf's embedding, each
-    class and iteration of dpdm) goes through this function, so tests can count the releases
-    made and compare them with what the accountant composed. ``generator`` must be the party's
-    secret (:mod:`fedpsg.secret`). ``secure`` draws the noise as Opacus's ``secure_mode`` does
-    (four draws summed and halved), which defeats the floating-point attacks on naive Gaussian
-    sampling (Mironov 2012; arXiv 2107.10138, 2112.05307) at the cost of four normal draws.
-    """
-    if std < 0:
-        raise ValueError(f"noise std must be >= 0, got {std}")
-    return [value + _generate_noise(std, value, generator, secure_mode=secure) for value in values]

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from fedpsg.data import dataset_spec, stage_classes, validate_classes
+from fedpsg.data.datasets import dataset_spec, stage_classes, validate_classes
 from fedpsg.methods import get_method, method_names
 
 SCENARIO_DIRS_ENV = "FEDPSG_SCENARIO_DIR"
@@ -24,7 +24,7 @@ CONTINUAL = "continual"  # kind of the stage-by-stage scenarios; see scenario_ki
 
 def scenario_dirs() -> list[Path]:
     dirs = [Path(p) for p in os.environ.get(SCENARIO_DIRS_ENV, "").split(os.pathsep) if p]
-    return [*dirs, Path.cwd() / "scenarios", Path(__file__).resolve().parents[1] / "scenarios"]
+    return [*dirs, Path.cwd() / "scenarios", Path(__file__).resolve().parents[2] / "scenarios"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Scenario:
     delta: float = 1e-5
     profile: str | None = None
     replay: str = "fresh"
-    overrides: dict = field(default_factory=dict)  # the file's ``set:``, as dotted keys (see fedpsg.config)
+    overrides: dict = field(default_factory=dict)  # the file's ``set:``, as dotted keys (see fedpsg.runs.settings)
 
     @property
     def stages(self) -> list[list[int]]:

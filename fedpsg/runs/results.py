@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -12,7 +11,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from fedpsg.files import strict_json  # noqa: E402
+from fedpsg.io.files import write_csv, write_json, write_text_atomically  # noqa: E402
 from fedpsg.methods import get_method  # noqa: E402
 
 
@@ -22,9 +21,9 @@ def write_results(rows: list[dict], out: Path, title: str) -> pd.DataFrame:
     stage_columns = sorted((c for c in frame.columns if c.startswith("acc_stage")), key=lambda c: int(c[9:]))
     leading = ["method", "stage", "classes", "accuracy", "accuracy_std", *stage_columns]
     frame = frame[leading + [c for c in frame.columns if c not in leading]]
-    frame.to_csv(out / "results.csv", index=False)
+    write_csv(out / "results.csv", frame)
     plot_accuracy(frame, out / "accuracy.png", title)
-    (out / "report.md").write_text(markdown_report(frame, title))
+    write_text_atomically(out / "report.md", markdown_report(frame, title))
     return frame
 
 
@@ -75,5 +74,5 @@ def write_summary(frame: pd.DataFrame, out: Path, settings: dict, extra: dict) -
         "stages": frame.to_dict(orient="records"),
         **extra,
     }
-    (out / "summary.json").write_text(json.dumps(strict_json(summary), indent=2, default=str, allow_nan=False))
+    write_json(out / "summary.json", summary)
     return summary

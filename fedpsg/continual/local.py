@@ -1,7 +1,7 @@
 """Parties in this process: the coordinator's ``Parties`` without Flower or Ray.
 
 Each request goes through the same encoding as a Flower message and the same party code as the
-ClientApp (``fedpsg.party.run_stage``), so a whole scenario runs in one process: the fastest way
+ClientApp (``fedpsg.continual.party.run_stage``), so a whole scenario runs in one process: the fastest way
 to try a new method, and what the Flower-free tests use. Each party's folder (policy and lifetime
 ledger) is ``<state_dir>/party-<partition>``, as on a SuperNode.
 """
@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedpsg.coordinator import PartyError
-from fedpsg.party import run_stage
-from fedpsg.policy import load_policy, party_dir
-from fedpsg.protocol import (
+from fedpsg.budget.policy import load_policy, party_dir
+from fedpsg.continual.party import run_stage
+from fedpsg.continual.protocol import (
     StageReply,
     TrainRequest,
     decode_reply,
@@ -21,6 +20,7 @@ from fedpsg.protocol import (
     encode_reply,
     encode_train_request,
 )
+from fedpsg.runs.folder import PartyError
 
 
 class LocalParties:

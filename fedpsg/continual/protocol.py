@@ -8,12 +8,13 @@ A party's reply carries exactly three records, all of them DP outputs or public:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fedpsg.privacy import PrivacyRecord
+from fedpsg.dp.accounting import PrivacyRecord
+from fedpsg.runs.wire import check_reply_keys, privacy_config, read_privacy
 
 REPLY_KEYS = frozenset({"synthetic", "model", "privacy"})
 
@@ -30,7 +31,7 @@ class TrainRequest:
     seed: int
     hyperparameters: dict  # the method's config dataclass as a dict
     model_state: dict[str, torch.Tensor]
-    architecture: dict  # model, width, depth of model_state (fedpsg.evaluation.EvalConfig.architecture)
+    architecture: dict  # model, width, depth of model_state (fedpsg.nn.evaluation.EvalConfig.architecture)
     # Earlier stages' DP sets of this method (images, labels), for methods that use them: DP
     # releases already, so they may travel with the model.
     earlier: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -86,15 +87,6 @@ def _pair(record: ArrayRecord | None) -> tuple[torch.Tensor, torch.Tensor] | Non
     return arrays["images"], arrays["labels"]
 
 
-def config_from_hyperparameters(config_class: type, values: dict):
-    """Rebuild a frozen config dataclass from a request's hyperparameters (unknown keys rejected)."""
-    names = {f.name for f in fields(config_class)}
-    unknown = set(values) - names
-    if unknown:
-        raise ValueError(f"unknown {config_class.__name__} settings in request: {sorted(unknown)}")
-    return config_class(**values)
-
-
 @dataclass(frozen=True)
 class StageReply:
     privacy: PrivacyRecord
@@ -104,18 +96,15 @@ class StageReply:
 
 
 def encode_reply(reply: StageReply) -> RecordDict:
-    privacy = {k: v for k, v in reply.privacy.to_dict().items() if v is not None}
-    records: dict = {"model": ArrayRecord(reply.model_state), "privacy": ConfigRecord(privacy)}
+    records: dict = {"model": ArrayRecord(reply.model_state), "privacy": privacy_config(reply.privacy)}
     if reply.images is not None:
         records["synthetic"] = ArrayRecord({"images": reply.images.detach().cpu(), "labels": reply.labels.cpu()})
     return RecordDict(records)
 
 
 def decode_reply(content: RecordDict) -> StageReply:
-    unexpected = set(content.keys()) - REPLY_KEYS
-    if unexpected:
-        raise ValueError(f"a party's reply may only carry {sorted(REPLY_KEYS)}, got extra {sorted(unexpected)}")
-    privacy = PrivacyRecord.from_dict(dict(content.config_records["privacy"]))
+    check_reply_keys(content, REPLY_KEYS)
+    privacy, _ = read_privacy(content)
     synthetic = content.array_records.get("synthetic")
     arrays = synthetic.to_torch_state_dict() if synthetic is not None else {}
     return StageReply(

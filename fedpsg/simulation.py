@@ -1,6 +1,9 @@
-"""The simulation's virtual parties: the policy each one is given, in its own folder under the run.
+"""A scenario on Flower's simulation engine (Ray), and the policies of its virtual parties.
 
-In a deployment every party writes its own policy (:mod:`fedpsg.policy`); in a simulation one
+:func:`simulate` runs either scenario kind with ``flwr.simulation.run_simulation``; the command
+lines are ``fedpsg.simulate`` (continual) and ``fedpsg.federated_gan.cli``.
+
+In a deployment every party writes its own policy (:mod:`fedpsg.budget.policy`); in a simulation one
 user plays all parties, so the launcher writes them, once per run folder: each virtual party holds
 its share of the data, allows the run's methods at most at the run's epsilon each, and has a
 lifetime budget of one run per private method. Non-private requests need ``--trust-coordinator``.
@@ -9,11 +12,13 @@ lifetime budget of one run per private method. Non-private requests need ``--tru
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
-from fedpsg.config import RunSettings
+from fedpsg.budget.policy import POLICY_FILE, STATE_DIR_ENV, DataShare, PartyPolicy, load_policy, party_dir
+from fedpsg.data.datasets import DATA_DIR_ENV
 from fedpsg.federated_gan.config import FedGANSettings
-from fedpsg.policy import POLICY_FILE, DataShare, PartyPolicy, load_policy, party_dir
+from fedpsg.runs.settings import RunSettings
 
 NON_PRIVATE_METHODS = ("fedavg-gan",)
 WRITTEN_BY_SIMULATION = "# written by the simulation for a virtual party: rewritten when the run resumes\n"
@@ -68,3 +73,31 @@ def prepare_parties(settings: RunSettings | FedGANSettings, trust_coordinator: b
         if not path.exists() or path.read_text().startswith(WRITTEN_BY_SIMULATION):
             policy.write(path, header=WRITTEN_BY_SIMULATION)
     return state_dir
+
+
+def simulate(
+    settings: RunSettings | FedGANSettings,
+    ray_address: str | None = None,
+    party_cpus: float = 1.0,
+    party_gpus: float | None = None,
+    trust_coordinator: bool = False,
+) -> None:
+    """Run the scenario with ``flwr.simulation.run_simulation`` (Ray backend)."""
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from server.app import make_server_app
+
+    # Parties run in Ray actors: they read their folder (policy, ledger) from the environment.
+    os.environ[STATE_DIR_ENV] = str(prepare_parties(settings, trust_coordinator))
+    if settings.data_dir:  # parties run in Ray actors: they read the data root from the environment
+        os.environ[DATA_DIR_ENV] = str(os.path.abspath(settings.data_dir))
+    gpus = party_gpus if party_gpus is not None else (1.0 if settings.device.startswith("cuda") else 0.0)
+    init_args: dict = {"address": ray_address} if ray_address else {"num_cpus": os.cpu_count() or 1}
+    run_simulation(
+        server_app=make_server_app(settings),
+        client_app=client_app,
+        num_supernodes=settings.num_partitions,
+        backend_name="ray",
+        backend_config={"client_resources": {"num_cpus": party_cpus, "num_gpus": gpus}, "init_args": init_args},
+    )

@@ -1,57 +1,24 @@
 """A party's side of a stage, independent of Flower: load only its own data, run the method,
 and build the reply, which holds only DP outputs (the release, the model, the privacy record).
 
-The party decides what it spends: its policy (:mod:`fedpsg.policy`) is checked before any
-private data is read, and the release is written to its lifetime ledger (:mod:`fedpsg.ledger`)
+The party decides what it spends: its policy (:mod:`fedpsg.budget.policy`) is checked before any
+private data is read, and the release is written to its lifetime ledger (:mod:`fedpsg.budget.ledger`)
 before it is computed. The coordinator's request only proposes.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-from fedpsg.data import ImageSet, dataset_spec, load_images
-from fedpsg.evaluation import EvalConfig, new_classifier
-from fedpsg.ledger import Ledger
-from fedpsg.methods import Method, PartyStage, Release, get_method
-from fedpsg.policy import PartyPolicy
-from fedpsg.privacy import PrivacyRecord
-from fedpsg.protocol import StageReply, TrainRequest, config_from_hyperparameters
-from fedpsg.secret import SecretRandomness
-
-
-def charged_run(
-    method: Method,
-    stage: PartyStage,
-    config: object,
-    ledger: Ledger,
-    policy: PartyPolicy,
-    purpose: str,
-    secret: SecretRandomness | None = None,
-) -> Release:
-    """Run ``method`` on ``stage`` after writing its planned cost to ``ledger`` (refused if it does not fit).
-
-    The plan uses only public facts (sizes, config, budget), so the refusal comes before the method
-    computes anything on the data.
-    """
-    planned = method.plan(stage, config)
-    with ledger.release(planned, policy, method=method.name, purpose=purpose):
-        release = method.run(stage, config, secret)
-        _check_as_planned(method.name, planned, release.privacy)
-    return release
-
-
-def _check_as_planned(method: str, planned: PrivacyRecord, spent: PrivacyRecord) -> None:
-    """A release whose mechanism differs from what the ledger holds must not leave the party."""
-    same = (
-        math.isclose(planned.noise_multiplier, spent.noise_multiplier, rel_tol=1e-9)
-        and math.isclose(planned.sample_rate, spent.sample_rate, rel_tol=1e-12)
-        and planned.steps == spent.steps
-        and planned.adjacency == spent.adjacency
-    )
-    if not same:
-        raise RuntimeError(f"{method} spent {spent} but planned {planned}: the release is withheld")
+from fedpsg.budget.charge import charged_run
+from fedpsg.budget.ledger import Ledger
+from fedpsg.budget.policy import PartyPolicy
+from fedpsg.continual.protocol import StageReply, TrainRequest
+from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
+from fedpsg.dp.secret import SecretRandomness
+from fedpsg.methods import PartyStage, get_method
+from fedpsg.nn.evaluation import EvalConfig, new_classifier
+from fedpsg.runs.settings import config_from_hyperparameters
 
 
 def run_stage(

@@ -1,0 +1,1 @@
+"""The empirical privacy audit: canaries and memorisation (``python -m fedpsg.audit``)."""

@@ -1,0 +1,1 @@
+"""A party's own privacy budget: its policy, its lifetime ledger, and runs charged to it."""

@@ -1,0 +1,1 @@
+"""Datasets in torchvision's layout, public augmentation, and the synthetic sets parties release."""

@@ -1,0 +1,1 @@
+"""Differential privacy: the accountant, the Gaussian mechanism, secret randomness, per-example gradients."""

@@ -1,0 +1,1 @@
+"""Writing files atomically and reporting progress: what every layer above uses."""

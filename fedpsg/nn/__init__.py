@@ -1,0 +1,1 @@
+"""Networks: the classifiers, the matching loss, and how a training set is evaluated."""

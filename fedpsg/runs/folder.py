@@ -1,0 +1,61 @@
+"""A run folder and its parties, for both scenario kinds: resume checks, the run log, party errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class ResumeMismatchError(RuntimeError):
+    """The output folder holds a run with different settings."""
+
+
+class PartyError(RuntimeError):
+    """A party failed or did not answer in time."""
+
+
+class PartyUnavailable(PartyError):
+    """The party's node went away (or never answered): worth waiting for it to come back."""
+
+
+
+def stored_run(out: Path, wanted: dict) -> dict | None:
+    """The identity stored in ``out/config.json`` (None if there is no run there); raises if it
+    is a different run. Settings must match, except that under ``methods`` only the methods
+    both runs have must agree (a run can be resumed with methods added)."""
+    config_path = out / "config.json"
+    if not config_path.exists():
+        return None
+    found = json.loads(config_path.read_text())
+    changed = sorted(k for k in wanted if k != "methods" and found.get(k) != wanted.get(k))
+    found_methods = found.get("methods", {})
+    changed += sorted(
+        m for m, values in wanted.get("methods", {}).items() if m in found_methods and found_methods[m] != values
+    )
+    if changed:
+        raise ResumeMismatchError(
+            f"{out} holds a run with different settings ({', '.join(changed)}); use another --out or delete it"
+        )
+    return found
+
+
+
+@contextmanager
+def run_log(path: Path) -> Iterator[None]:
+    """Copy the fedpsg loggers' INFO lines into the run folder's run.log while the run lasts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("fedpsg")
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
