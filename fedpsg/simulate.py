@@ -27,7 +27,7 @@ from fedpsg.federated_gan.config import KIND as FEDERATED_GAN
 from fedpsg.runs.cli import add_run_arguments, settings_from_args
 from fedpsg.runs.folder import ResumeMismatchError
 from fedpsg.runs.scenario import scenario_kind
-from fedpsg.simulation import TRUST_HELP, prepare_parties, simulate
+from fedpsg.simulation import TRUST_HELP, check_trust, simulate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = settings_from_args(args)
         for settings in runs:
             check_resumable(settings)
-            prepare_parties(settings, args.trust_coordinator)
+            check_trust(settings, args.trust_coordinator)
     except (ValueError, ResumeMismatchError) as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

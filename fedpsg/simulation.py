@@ -48,12 +48,8 @@ def party_policies(
     return [PartyPolicy(**common, classes=tuple(classes)) for classes in settings.scenario.stages]
 
 
-def prepare_parties(settings: RunSettings | FedGANSettings, trust_coordinator: bool = False) -> Path:
-    """Write the virtual parties' policies under ``<out>/parties`` and return that state folder.
-
-    A policy the simulation wrote before (its first line says so) grows with a resumed run that adds
-    methods: every method run in the folder keeps its budget. Any other policy found there is the
-    user's and is kept as it is. A run its parties would refuse as non-private fails here, early."""
+def check_trust(settings: RunSettings | FedGANSettings, trust_coordinator: bool) -> None:
+    """Fail early, with the switch to use, on a run its parties would refuse as non-private."""
     non_private = [m for m in settings.methods if m in NON_PRIVATE_METHODS]
     if math.isinf(settings.epsilon):
         non_private = settings.methods
@@ -62,6 +58,15 @@ def prepare_parties(settings: RunSettings | FedGANSettings, trust_coordinator: b
             f"{', '.join(non_private)} at epsilon {settings.epsilon:g} is not private: the parties refuse it unless "
             "--trust-coordinator (or leave it out with --methods)"
         )
+
+
+def prepare_parties(settings: RunSettings | FedGANSettings, trust_coordinator: bool = False) -> Path:
+    """Write the virtual parties' policies under ``<out>/parties`` and return that state folder.
+
+    A policy the simulation wrote before (its first line says so) grows with a resumed run that adds
+    methods: every method run in the folder keeps its budget. Any other policy found there is the
+    user's and is kept as it is."""
+    check_trust(settings, trust_coordinator)
     state_dir = (settings.out / "parties").resolve()
     paths = [party_dir(p, state_dir) / POLICY_FILE for p in range(settings.num_partitions)]
     methods = list(settings.methods)

@@ -167,15 +167,16 @@ class Ledger:
             )
         return None
 
-    def _refuse(self, reason: str, record: PrivacyRecord, method: str, purpose: str) -> Refused:
-        asked = f"method {method}, epsilon {record.epsilon:.4g}, delta {record.delta:g}"
-        return Refused(f"{self.who} refuses {purpose} ({asked}): {reason}")
+    def _refused(self, reason: str, record: PrivacyRecord, method: str, purpose: str) -> Refused:
+        return Refused.because(
+            reason, who=self.who, what=purpose, method=method, epsilon=record.epsilon, delta=record.delta
+        )
 
     def check(self, record: PrivacyRecord, policy: PartyPolicy, *, method: str, purpose: str) -> None:
         """Raise :class:`Refused` if ``record`` would not fit now; writes nothing (a check before any work)."""
         reason = self._refusal(self.entries(), record, policy, method)
         if reason:
-            raise self._refuse(reason, record, method, purpose)
+            raise self._refused(reason, record, method, purpose)
 
     def reserve(
         self, record: PrivacyRecord, policy: PartyPolicy, *, method: str, purpose: str, run: str = ""
@@ -185,7 +186,7 @@ class Ledger:
             entries = self.entries()
             reason = self._refusal(entries, record, policy, method)
             if reason:
-                raise self._refuse(reason, record, method, purpose)
+                raise self._refused(reason, record, method, purpose)
             entry = Entry(
                 uuid.uuid4().hex, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), purpose, method, record,
                 is_private(record), run=run, owner=this_process(),

@@ -43,6 +43,11 @@ POLICY_FILE = "policy.yaml"
 class Refused(RuntimeError):
     """A party refuses a request: its policy or its remaining budget does not allow it."""
 
+    @classmethod
+    def because(cls, reason: str, *, who: str, what: str, method: str, epsilon: float, delta: float) -> Refused:
+        """The refusal the coordinator reports: who refuses what was asked, and why."""
+        return cls(f"{who} refuses {what} (method {method}, epsilon {epsilon:.4g}, delta {delta:g}): {reason}")
+
 
 def default_state_dir() -> Path:
     """Where parties keep their policy, ledger and state: ``$FEDPSG_PARTY_STATE_DIR`` or ``~/.fedpsg/party-state``."""
@@ -140,7 +145,7 @@ class PartyPolicy:
         """Refuse a request this policy does not allow, before the party reads any private data."""
         reason = self.refusal(method=method, private=private, epsilon=epsilon, delta=delta, dataset=dataset)
         if reason:
-            raise Refused(f"{who} refuses {what} (method {method}, epsilon {epsilon:g}, delta {delta:g}): {reason}")
+            raise Refused.because(reason, who=who, what=what, method=method, epsilon=epsilon, delta=delta)
 
     def check_classes(self, who: str, what: str, classes: list[int]) -> None:
         if self.classes is not None and not set(classes) <= set(self.classes):

@@ -28,7 +28,7 @@ from fedpsg.federated_gan.coordinator import FedGANRun
 from fedpsg.runs.cli import add_common_arguments, positive_int
 from fedpsg.runs.folder import ResumeMismatchError
 from fedpsg.runs.scenario import read_scenario
-from fedpsg.simulation import TRUST_HELP, prepare_parties, simulate
+from fedpsg.simulation import TRUST_HELP, check_trust, simulate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
         test = load_images(settings.scenario.dataset, train=False, data_dir=settings.data_dir)
         FedGANRun(settings, test)  # checks a resumed folder's settings before Ray starts
-        prepare_parties(settings, args.trust_coordinator)
+        check_trust(settings, args.trust_coordinator)
     except (ValueError, ResumeMismatchError) as err:
         parser.error(str(err))
     except DataNotFoundError as err:
