@@ -1,7 +1,7 @@
 """Probe DP distribution matching (fedpsg.dpdm) centralised on all classes of a dataset.
 
     python bench/dpdm_probe.py --dataset fmnist --eps 10 [--preset cpu] [--iterations 1000]
-        [--lr-images 100] [--batch-size 64] [--width 32] [--augment | --no-augment]
+        [--lr-images 100] [--batch-size 64] [--width 32] [--augment | --no-augment] [--progress-interval 60]
 
 Generates one DP synthetic set (spc per class) from all training images of the chosen classes,
 then evaluates it with fedpsg.nn.evaluation.evaluate_training_set under a fixed protocol (default:
@@ -22,9 +22,10 @@ from dataclasses import asdict, replace
 
 import torch
 
-from fedpsg.data.datasets import dataset_spec, load_images
-from fedpsg.data.synthetic import save_grid
-from fedpsg.methods.dpdm import DPDM_PRESETS, generate_dpdm_set
+from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
+from fedpsg.data.synthetic import SyntheticSet, save_grid
+from fedpsg.methods import PartyStage
+from fedpsg.methods.dpdm import DPDM, DPDM_PRESETS
 from fedpsg.nn.evaluation import EvalConfig, evaluate_training_set
 
 
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-evals", type=int, default=2)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--save", default=None, help="folder for synthetic.pt and synthetic.png")
+    parser.add_argument("--progress-interval", type=float, default=60.0, help="seconds between progress lines")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,21 +78,32 @@ def main(argv: list[str] | None = None) -> int:
     train = load_images(spec.name, train=True, data_dir=args.data_dir).only_classes(classes)
     test = load_images(spec.name, train=False, data_dir=args.data_dir).only_classes(classes)
 
+    stage = PartyStage(
+        train,
+        classes,
+        spec,
+        epsilon=args.eps,
+        delta=args.delta,
+        seed=args.seed,
+        label=f"dpdm {spec.name}",
+        progress_interval=args.progress_interval,
+    )
     load_before = os.getloadavg()
     cpu, wall = time.process_time(), time.perf_counter()
-    synthetic = generate_dpdm_set(
-        train, classes, spec, epsilon=args.eps, delta=args.delta, config=config, seed=args.seed
-    )
+    release = DPDM().run(stage, config)  # a fresh secret, as a party draws it
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     load_after = os.getloadavg()
     eval_wall = time.perf_counter()
-    result = evaluate_training_set(synthetic.as_image_set(), test, spec, evaluation, seed=args.seed)
+    result = evaluate_training_set(ImageSet(release.images, release.labels), test, spec, evaluation, seed=args.seed)
     eval_wall = time.perf_counter() - eval_wall
     if args.save:
+        synthetic = SyntheticSet(
+            release.images, release.labels, spec.name, classes, release.privacy, {"method": "dpdm", **asdict(config)}
+        )
         synthetic.save(os.path.join(args.save, "synthetic.pt"))
-        save_grid(synthetic.images, synthetic.labels, spec.name, os.path.join(args.save, "synthetic.png"))
+        save_grid(release.images, release.labels, spec.name, os.path.join(args.save, "synthetic.png"))
 
-    record = synthetic.privacy
+    record = release.privacy
     eps_text = "inf" if math.isinf(args.eps) else f"{args.eps:g}"
     print(
         f"dpdm {spec.name} eps={eps_text}: accuracy {100 * result.mean:.2f}% ± {100 * result.std:.2f} "

@@ -35,7 +35,7 @@ from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa
 from fedpsg.data.datasets import ImageSet, dataset_spec, load_images  # noqa: E402
 from fedpsg.methods import PartyStage, get_method, method_names  # noqa: E402
 from fedpsg.nn.evaluation import evaluate_training_set, new_classifier  # noqa: E402
-from fedpsg.runs.settings import method_settings, parse_overrides, split_sections  # noqa: E402
+from fedpsg.runs.settings import method_sections, method_settings, parse_overrides, split_sections  # noqa: E402
 
 # Published accuracies (%), 10 images per class, ConvNet, all 10 classes, by (dataset, eps).
 PUBLISHED = {
@@ -79,7 +79,7 @@ def run_point(
     method = get_method(method_name)
     spec = dataset_spec(dataset)
     classes = list(range(spec.num_classes))
-    sections = split_sections(parse_overrides(overrides), [method_name])
+    sections = split_sections(parse_overrides(overrides), method_sections([method_name]))
     config, evaluation = method_settings(method_name, "cpu", sections, spc)
     train = load_images(dataset, train=True, data_dir=data_dir)
     test = load_images(dataset, train=False, data_dir=data_dir)

@@ -1,7 +1,7 @@
 """Show a party's lifetime privacy ledger, or reset it (only when asked).
 
-    python -m fedpsg.ledger PARTY_DIR                      # releases, total (epsilon, delta), what is left
-    python -m fedpsg.ledger PARTY_DIR --reset --dataset D  # start a fresh ledger (explicit only)
+python -m fedpsg.ledger PARTY_DIR                      # releases, total (epsilon, delta), what is left
+python -m fedpsg.ledger PARTY_DIR --reset --dataset D  # start a fresh ledger (explicit only)
 """
 
 from __future__ import annotations

@@ -1,17 +1,24 @@
-"""Run a federated continual-learning scenario as a Flower simulation on Ray.
+"""Run a scenario, continual or federated GAN, as a Flower simulation on Ray.
 
     python -m fedpsg.simulate --scenario split_fmnist --eps 10
-    python -m fedpsg.simulate --scenario fed_gswgan_mnist --eps 10   (fedpsg.federated_gan.cli)
+    python -m fedpsg.simulate --scenario split_mnist --eps 1,10 --methods psg,dpsgd,dpmerf --out runs/mnist
+    python -m fedpsg.simulate --scenario fed_gswgan_mnist --eps 10 --parties 50 --split by-class
+    python -m fedpsg.simulate --scenario fed_gswgan_fmnist --methods fed-gswgan --set gan.rounds=1000
 
-One virtual SuperNode per party; the coordinator (ServerApp) visits them stage by stage.
-Results land in ``--out`` (default ``runs/<scenario>-eps<eps>``): results.csv, summary.json,
-accuracy.png, report.md, grids/, sets/, config.json and run.log. Re-running with the same
-``--out`` resumes: finished stages are not redone.
+One virtual SuperNode per party. In a continual scenario (the default kind) the coordinator
+(ServerApp) visits the parties stage by stage; results land in ``--out`` (default
+``runs/<scenario>-eps<eps>``): results.csv, summary.json, accuracy.png, report.md, grids/, sets/,
+config.json and run.log. In a federated GAN scenario (``kind: federated-gan``) all parties are
+online at once and the ServerApp keeps the generator; results land in ``--out`` (default
+``runs/<scenario>-<split>-<parties>p-eps<eps>``): results.csv, rounds.csv, privacy.json,
+summary.json, accuracy.png, report.md, grids/, checkpoints/, config.json and run.log. Re-running
+with the same ``--out`` resumes: finished stages and rounds are not redone.
 
 The virtual parties live in ``<out>/parties/party-<p>``: each has its own policy (written by the
 simulation: its share of the data, the run's methods, each at most the run's epsilon, a lifetime
-budget of one such run per method) and its own lifetime ledger, which a resumed run continues.
-Non-private requests (eps = inf, fedavg-gan) are refused unless ``--trust-coordinator``.
+budget of one such run per method), its own lifetime ledger, which a resumed run continues, and
+(federated GAN) its critics. Non-private requests (eps = inf, fedavg-gan) are refused unless
+``--trust-coordinator``.
 """
 
 from __future__ import annotations
@@ -20,19 +27,52 @@ import argparse
 import logging
 import sys
 
-from fedpsg.continual.coordinator import check_resumable
 from fedpsg.data.datasets import DataNotFoundError, load_images
-from fedpsg.federated_gan.cli import main as federated_main
+from fedpsg.federated_gan.config import (
+    DEFAULT_ROUND_TIMEOUT,
+    METHODS,
+    SPLITS,
+    FedGANSettings,
+    read_federated_scenario,
+    resolve_federated_settings,
+)
 from fedpsg.federated_gan.config import KIND as FEDERATED_GAN
-from fedpsg.runs.cli import add_run_arguments, settings_from_args
-from fedpsg.runs.folder import ResumeMismatchError
-from fedpsg.runs.scenario import scenario_kind
+from fedpsg.runs.cli import add_run_arguments, common_settings, positive_int, settings_from_args
+from fedpsg.runs.folder import ResumeMismatchError, check_resumable
+from fedpsg.runs.scenario import CONTINUAL, read_scenario, scenario_kind
 from fedpsg.simulation import TRUST_HELP, check_trust, simulate
+
+# Flags only one scenario kind reads: given for the other kind they are an error, not ignored.
+ONLY_FOR = {
+    CONTINUAL: ("--replay", "--stages", "--stage-timeout", "--reconnect-timeout", "--stage-retries"),
+    FEDERATED_GAN: ("--parties", "--split", "--round-timeout"),
+}
+OUTPUTS = {  # what the closing line points to
+    CONTINUAL: "results.csv, summary.json, accuracy.png, report.md, grids/",
+    FEDERATED_GAN: "results.csv, rounds.csv, privacy.json, summary.json, accuracy.png, grids/",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fedpsg.simulate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fedpsg.simulate",
+        description="\n\n".join(__doc__.split("\n\n")[:2]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_run_arguments(parser)
+    federated = parser.add_argument_group(
+        "federated-gan scenarios",
+        f"  kind: federated-gan (fed_gswgan_*): methods {', '.join(METHODS)}, one --eps.\n"
+        "  --spc, --replay, --stages and the --stage-*/--reconnect-* flags are for continual scenarios only.",
+    )
+    federated.add_argument("--parties", type=positive_int, default=None, help="number of parties (SuperNodes)")
+    federated.add_argument("--split", choices=SPLITS, default=None, help="how the training images are shared out")
+    federated.add_argument(
+        "--round-timeout",
+        type=float,
+        default=None,
+        help=f"seconds to wait for a round's replies ({DEFAULT_ROUND_TIMEOUT:g})",
+    )
     parser.add_argument("--ray-address", default=None, help="run on an existing Ray cluster (e.g. 'auto')")
     parser.add_argument("--party-cpus", type=float, default=1.0, help="Ray CPUs reserved per party")
     parser.add_argument("--party-gpus", type=float, default=None, help="Ray GPUs per party (default: 1 on CUDA)")
@@ -40,24 +80,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _federated_gan_scenario(argv: list[str] | None) -> bool:
-    """Whether ``--scenario`` names a federated-gan scenario (an unknown one is reported later)."""
-    peek = argparse.ArgumentParser(add_help=False)
-    peek.add_argument("--scenario", default=None)
-    known, _ = peek.parse_known_args(argv)
-    try:
-        return known.scenario is not None and scenario_kind(known.scenario) == FEDERATED_GAN
-    except ValueError:
-        return False
+def refuse_other_kinds_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, kind: str) -> None:
+    """Raise on a flag of the other scenario kind (one set to anything but its default)."""
+    for flags_kind, flags in ONLY_FOR.items():
+        dests = {flag: flag.lstrip("-").replace("-", "_") for flag in flags}
+        given = [f for f, dest in dests.items() if getattr(args, dest) != parser.get_default(dest)]
+        if flags_kind != kind and given:
+            verb = "is" if len(given) == 1 else "are"
+            raise ValueError(f"{', '.join(given)} {verb} for {flags_kind} scenarios; {args.scenario} is a {kind} one")
+
+
+def federated_settings_from_args(args: argparse.Namespace) -> FedGANSettings:
+    """A federated GAN run's settings (one epsilon: its parties' noise is calibrated for one run)."""
+    if args.eps is not None and len(args.eps) != 1:
+        raise ValueError("a federated GAN run takes one --eps")
+    if args.spc is not None:
+        raise ValueError("--spc is for continual scenarios; set gan.samples_per_class for the evaluation sets")
+    path, values = read_scenario(args.scenario)
+    return resolve_federated_settings(
+        read_federated_scenario(path, values),
+        epsilon=args.eps[0] if args.eps else None,
+        parties=args.parties,
+        split=args.split,
+        out=args.out,
+        round_timeout=args.round_timeout if args.round_timeout is not None else DEFAULT_ROUND_TIMEOUT,
+        **common_settings(args),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    if _federated_gan_scenario(argv):
-        return federated_main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        runs = settings_from_args(args)
+        # An unknown kind takes the continual way, whose scenario loading refuses it with its name.
+        kind = FEDERATED_GAN if scenario_kind(args.scenario) == FEDERATED_GAN else CONTINUAL
+        refuse_other_kinds_flags(parser, args, kind)
+        runs = [federated_settings_from_args(args)] if kind == FEDERATED_GAN else settings_from_args(args)
         for settings in runs:
             check_resumable(settings)
             check_trust(settings, args.trust_coordinator)
@@ -76,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             errors = [line for line in log.read_text().splitlines() if " ERROR " in line] if log.exists() else []
             print(f"error: the run did not complete; see {log}", *errors[-1:], sep="\n", file=sys.stderr)
             return 1
-        print(f"results in {settings.out}: results.csv, summary.json, accuracy.png, report.md, grids/")
+        print(f"results in {settings.out}: {OUTPUTS[kind]}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """A scenario on Flower's simulation engine (Ray), and the policies of its virtual parties.
 
 :func:`simulate` runs either scenario kind with ``flwr.simulation.run_simulation``; the command
-lines are ``fedpsg.simulate`` (continual) and ``fedpsg.federated_gan.cli``.
+line is ``fedpsg.simulate``.
 
 In a deployment every party writes its own policy (:mod:`fedpsg.budget.policy`); in a simulation one
 user plays all parties, so the launcher writes them, once per run folder: each virtual party holds

@@ -14,9 +14,10 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedpsg.continual.coordinator import Coordinator
-from fedpsg.continual.protocol import StageReply, TrainRequest, decode_reply, encode_train_request
+from fedpsg.continual.protocol import TrainRequest, decode_reply, encode_train_request
 from fedpsg.federated_gan.config import FedGANSettings
 from fedpsg.federated_gan.coordinator import FedGANRun
+from fedpsg.methods import Release
 from fedpsg.runs.folder import PartyError, PartyUnavailable
 from fedpsg.runs.settings import RunSettings, settings_from_run_config
 
@@ -69,7 +70,7 @@ class GridParties:
                 )
             time.sleep(self.poll)
 
-    def send(self, request: TrainRequest, timeout: float) -> StageReply:
+    def send(self, request: TrainRequest, timeout: float) -> Release:
         group = f"{request.method}-stage-{request.stage}"
         result = self.exchange({request.partition: encode_train_request(request)}, "train", group, timeout)
         reply = result[request.partition]

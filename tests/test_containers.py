@@ -156,7 +156,13 @@ def test_image_holds_the_app_and_nothing_else(image):
     assert result.returncode == 0, result.stderr
     listing, ids = result.stdout.split("\n\n")
     assert sorted(listing.split()) == [
-        "README.md", "clients", "fedpsg", "policies", "pyproject.toml", "scenarios", "server"
+        "README.md",
+        "clients",
+        "fedpsg",
+        "policies",
+        "pyproject.toml",
+        "scenarios",
+        "server",
     ]
     assert ids.split() == ["1000", "1000", "1000"]  # the entrypoint drops root to uid 1000
     result = docker_run(image, "python", "-c", "import flwr, fedpsg; print(flwr.__version__)")

@@ -17,15 +17,8 @@ from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
 from fedpsg.dp.accounting import private_record
 from fedpsg.dp.mechanisms import poisson_sample
 from fedpsg.dp.secret import SecretRandomness
-from fedpsg.methods import dpdm
-from fedpsg.methods.dpdm import (
-    DPDM_PRESETS,
-    DPDMConfig,
-    clip_embeddings,
-    embed,
-    generate_dpdm_set,
-    privacy_of,
-)
+from fedpsg.methods import PartyStage, Release, dpdm, get_method
+from fedpsg.methods.dpdm import DPDM_PRESETS, DPDMConfig, clip_embeddings, embed
 from fedpsg.nn.evaluation import EvalConfig, evaluate_training_set
 from fedpsg.nn.models import build_model
 
@@ -44,10 +37,10 @@ def mnist_56(data_dir):
     return train, test
 
 
-def run(train, config=SMALL, epsilon=10.0, seed=0, secret=None):
-    return generate_dpdm_set(
-        train, CLASSES, MNIST, epsilon=epsilon, delta=1e-5, config=config, seed=seed, secret=secret
-    )
+def run(train, config=SMALL, epsilon=10.0, seed=0, secret=None, classes=CLASSES) -> Release:
+    """dpdm through the base class's ``run`` (``secret=None``: fresh OS entropy)."""
+    stage = PartyStage(train, classes, MNIST, epsilon=epsilon, delta=1e-5, seed=seed)
+    return get_method("dpdm").run(stage, config, secret)
 
 
 class Spy:
@@ -128,7 +121,8 @@ def test_one_release_per_class_and_iteration_and_the_accountant_sees_iterations(
     assert record.epsilon == pytest.approx(10.0, rel=1e-3) and record.epsilon <= 10.0
     expected = private_record(10.0, 1e-5, record.sample_rate, config.iterations, "rdp")
     assert record.noise_multiplier == expected.noise_multiplier
-    assert record == privacy_of(config, sizes, 10.0, 1e-5)
+    assert record.delta == 1e-5 and record.accountant == config.accountant == "rdp"
+    assert record.mechanism == "subsampled-gaussian" and record.adjacency == "add-remove"
     for args, _ in releases.calls:  # std = sigma C, drawn from the secret noise stream
         assert args[1] == pytest.approx(record.noise_multiplier * config.max_norm)
         assert args[2] is secret.noise
@@ -170,11 +164,11 @@ def test_fresh_secrets_release_different_sets_and_a_pinned_secret_reproduces(mni
     assert not torch.allclose(fresh[0].images, pinned[0].images)
 
 
-def test_set_shape_labels_and_config(mnist_56):
+def test_set_shape_labels_and_record(mnist_56):
     synthetic = run(mnist_56[0])
     assert synthetic.images.shape == (len(CLASSES) * SMALL.spc, 1, 28, 28)
     assert synthetic.labels.tolist() == [5] * SMALL.spc + [6] * SMALL.spc
-    assert synthetic.config["method"] == "dpdm" and synthetic.config["iterations"] == SMALL.iterations
+    assert synthetic.privacy.steps == SMALL.iterations and synthetic.model_state is None
     assert torch.isfinite(synthetic.images).all()
 
 
@@ -226,8 +220,10 @@ def test_bad_configs_and_data_fail_early(mnist_56):
     ):
         with pytest.raises(ValueError):
             replace(DPDMConfig(), **bad)
+    with pytest.raises(ValueError):  # class 7 has no private example
+        run(mnist_56[0], epsilon=1.0, classes=[5, 7])
     with pytest.raises(ValueError):
-        generate_dpdm_set(mnist_56[0], [5, 7], MNIST, epsilon=1.0, delta=1e-5, config=SMALL)
+        run(mnist_56[0], classes=[5, 5])
     with pytest.raises(ValueError):
         run(mnist_56[0], epsilon=0.0)
 
@@ -241,9 +237,9 @@ def test_private_set_beats_its_noise_initialisation(mnist_56):
     train, test = mnist_56
     synthetic = run(train, config=TINY, epsilon=10.0)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # the public seed's initialisation, as in generate_dpdm_set
+        torch.manual_seed(0)  # the public seed's initialisation, as in DPDM.release
         init = torch.randn_like(synthetic.images)
     evaluation = EvalConfig(width=16, epochs=100, augment=False, num_evals=1)
-    accuracy = evaluate_training_set(synthetic.as_image_set(), test, MNIST, evaluation).mean
+    accuracy = evaluate_training_set(ImageSet(synthetic.images, synthetic.labels), test, MNIST, evaluation).mean
     baseline = evaluate_training_set(ImageSet(init, synthetic.labels), test, MNIST, evaluation).mean
     assert accuracy > 0.85 and accuracy > baseline + 0.2, (accuracy, baseline)

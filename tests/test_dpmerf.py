@@ -10,11 +10,10 @@ import torch
 from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
 from fedpsg.dp.accounting import calibrate_noise, epsilon_spent
 from fedpsg.dp.secret import SecretRandomness
-from fedpsg.methods import dpmerf
+from fedpsg.methods import PartyStage, Release, dpmerf, get_method
 from fedpsg.methods.dpmerf import (
     DPMERF_KERNEL_WIDTH,
     DPMerfConfig,
-    dpmerf_generate,
     draw_frequencies,
     embedding_sensitivity,
     mean_embedding,
@@ -253,7 +252,13 @@ def fmnist_party(data_dir) -> tuple[ImageSet, ImageSet]:
 TINY = DPMerfConfig(generator_steps=200, samples_per_class=50, lr=0.01)
 
 
-def test_dpmerf_generate_on_a_real_party(fmnist_party, monkeypatch):
+def generate(party, classes, *, epsilon, config, seed=0, secret=None) -> Release:
+    """DP-Merf on a FashionMNIST party through the base class's ``run`` (``secret=None``: fresh OS entropy)."""
+    stage = PartyStage(party, classes, dataset_spec("fmnist"), epsilon=epsilon, delta=1e-5, seed=seed)
+    return get_method("dpmerf").run(stage, config, secret)
+
+
+def test_dpmerf_on_a_real_party(fmnist_party, monkeypatch):
     party, test = fmnist_party
     seen = []
     real_train_generator = dpmerf.train_generator
@@ -263,7 +268,8 @@ def test_dpmerf_generate_on_a_real_party(fmnist_party, monkeypatch):
         return real_train_generator(noisy_emb, frequencies, **kwargs)
 
     monkeypatch.setattr(dpmerf, "train_generator", spy)
-    synthetic, record = dpmerf_generate(party, [5, 6], dataset="fmnist", epsilon=10.0, delta=1e-5, config=TINY)
+    synthetic = generate(party, [5, 6], epsilon=10.0, config=TINY)
+    record = synthetic.privacy
 
     # The generator saw the released (D, classes) embedding and the frequencies, never an image.
     ((noisy_emb, freq, kwargs),) = seen
@@ -291,24 +297,24 @@ def test_dpmerf_generate_on_a_real_party(fmnist_party, monkeypatch):
     assert accuracy > 0.75, accuracy
 
 
-def test_dpmerf_generate_reproduces_only_with_the_secret(fmnist_party):
+def test_dpmerf_reproduces_only_with_the_secret(fmnist_party):
     party, _ = fmnist_party
     config = DPMerfConfig(generator_steps=10, samples_per_class=5)
     runs = [
-        dpmerf_generate(party, [5, 6], dataset="fmnist", epsilon=1.0, delta=1e-5, config=config, seed=0, secret=s)[0]
+        generate(party, [5, 6], epsilon=1.0, config=config, seed=0, secret=s)
         for s in (SecretRandomness.fixed(1), SecretRandomness.fixed(1), None, None)
     ]
     assert torch.equal(runs[0].images, runs[1].images) and torch.equal(runs[0].labels, runs[1].labels)
     assert not torch.equal(runs[2].images, runs[3].images)  # same public seed, fresh secrets
 
 
-def test_dpmerf_generate_rejects_bad_input(fmnist_party):
+def test_dpmerf_rejects_bad_input(fmnist_party):
     party, _ = fmnist_party
     config = DPMerfConfig(generator_steps=1, samples_per_class=1)
     with pytest.raises(ValueError):  # labels 6 are outside the stated classes
-        dpmerf_generate(party, [5], dataset="fmnist", epsilon=1.0, delta=1e-5, config=config)
+        generate(party, [5], epsilon=1.0, config=config)
     with pytest.raises(ValueError):
-        dpmerf_generate(party, [5, 6], dataset="fmnist", epsilon=0.0, delta=1e-5, config=config)
+        generate(party, [5, 6], epsilon=0.0, config=config)
     with pytest.raises(ValueError):
         DPMerfConfig(num_features=999)
 

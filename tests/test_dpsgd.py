@@ -1,4 +1,4 @@
-"""DP-SGD finetuning: exact privacy spend, in-place training, budget checks, determinism."""
+"""DP-SGD finetuning: exact privacy spend, the released model, budget checks, determinism."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from opacus.accountants import RDPAccountant
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedpsg.data.datasets import ImageSet, load_images
+from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
 from fedpsg.dp.accounting import RDP_ORDERS
 from fedpsg.dp.secret import SecretRandomness
-from fedpsg.methods import dpsgd
-from fedpsg.methods.dpsgd import DPSGDConfig, dpsgd_finetune, dpsgd_schedule
+from fedpsg.methods import PartyStage, Release, dpsgd, get_method
+from fedpsg.methods.dpsgd import DPSGDConfig, dpsgd_schedule
 from fedpsg.nn.models import build_model
 
 CONFIG = DPSGDConfig(epochs=1, batch_size=128)
@@ -37,6 +37,19 @@ def small_model(seed: int = 0) -> torch.nn.Module:
     return build_model("convnet", 1, 10, (28, 28), width=8)
 
 
+def finetune(model, data, *, epsilon, delta=1e-5, config=CONFIG, secret=None) -> Release:
+    """DP-SGD on ``model`` through the base class's ``run`` (``secret=None``: fresh OS entropy)."""
+    stage = PartyStage(data, [5, 6], dataset_spec("fmnist"), epsilon=epsilon, delta=delta, model=model)
+    return get_method("dpsgd").run(stage, config, secret)
+
+
+def trained(release: Release) -> torch.nn.Module:
+    """The released weights in a fresh model of the same architecture (strict: same keys, same shapes)."""
+    model = small_model(seed=1)
+    model.load_state_dict(release.model_state)
+    return model
+
+
 class RecordingEngine(dpsgd.PrivacyEngine):
     """The PrivacyEngine dpsgd uses, remembered so that tests can read Opacus's own accountant."""
 
@@ -51,7 +64,7 @@ def test_spent_epsilon_is_the_target_and_agrees_with_opacus(party_data, monkeypa
     RecordingEngine.instances.clear()
     monkeypatch.setattr(dpsgd, "PrivacyEngine", RecordingEngine)
     epsilon, delta = 2.0, 1e-5
-    record = dpsgd_finetune(small_model(), party_data, epsilon=epsilon, delta=delta, config=CONFIG)
+    record = finetune(small_model(), party_data, epsilon=epsilon, delta=delta).privacy
 
     assert record.epsilon == pytest.approx(epsilon, rel=1e-3)
     assert record.epsilon <= epsilon
@@ -80,16 +93,21 @@ def test_schedule_is_what_opacus_poisson_loader_yields(n, batch_size):
     assert schedule.steps == 3 * len(loader)
 
 
-def test_trains_in_place_and_leaves_a_plain_module(party_data):
+def test_releases_a_plain_trained_state_and_leaves_the_given_model_as_it_was(party_data):
     model = small_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    dpsgd_finetune(model, party_data, epsilon=5.0, delta=1e-5, config=CONFIG)
+    release = finetune(model, party_data, epsilon=5.0)
+    assert release.images is None and release.labels is None
 
-    after = model.state_dict()
-    assert list(after) == list(before)  # no "_module." prefix
-    assert type(model).__name__ == "ConvNet"
-    assert any(not torch.equal(before[k], after[k]) for k in before)
+    after = release.model_state
+    assert list(after) == list(before)  # no "_module." prefix: a plain module's state
+    assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # trained
     assert all(torch.isfinite(v).all() for v in after.values())
+    assert trained(release).state_dict().keys() == before.keys()
+    # The coordinator's model is finetuned as a copy: unchanged, and Opacus left nothing on it.
+    assert type(model).__name__ == "ConvNet"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     for module in model.modules():
         assert not module._forward_hooks and not module._backward_hooks and not module._forward_pre_hooks
     for p in model.parameters():
@@ -99,28 +117,30 @@ def test_trains_in_place_and_leaves_a_plain_module(party_data):
 
 def test_non_private_run(party_data):
     model = small_model()
-    before = [p.clone() for p in model.parameters()]
-    record = dpsgd_finetune(model, party_data, epsilon=math.inf, delta=1e-5, config=CONFIG)
+    release = finetune(model, party_data, epsilon=math.inf)
+    record = release.privacy
     assert math.isinf(record.epsilon) and record.noise_multiplier == 0.0
     assert record.steps == dpsgd_schedule(len(party_data), CONFIG).steps
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), trained(release).parameters()))
 
 
 @pytest.mark.parametrize(("epsilon", "delta"), [(0.0, 1e-5), (-1.0, 1e-5), (math.nan, 1e-5), (1.0, 0.0), (1.0, 1.0)])
-def test_rejects_bad_budget_before_training(party_data, epsilon, delta):
+def test_rejects_bad_budget_before_training(party_data, epsilon, delta, monkeypatch):
+    trainings, engines = [], []
+    monkeypatch.setattr(dpsgd, "_train", lambda *args: trainings.append(args))
+    monkeypatch.setattr(dpsgd, "PrivacyEngine", lambda *args, **kwargs: engines.append(kwargs))
     model = small_model()
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(ValueError):
-        dpsgd_finetune(model, party_data, epsilon=epsilon, delta=delta, config=CONFIG)
+        finetune(model, party_data, epsilon=epsilon, delta=delta)
+    assert trainings == [] and engines == []  # rejected before any step or any Opacus engine
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_only_the_secret_reproduces_a_run(party_data):
     runs = []
     for secret in (SecretRandomness.fixed(0), SecretRandomness.fixed(0), None, None):
-        model = small_model()
-        dpsgd_finetune(model, party_data, epsilon=2.0, delta=1e-5, config=CONFIG, secret=secret)
-        runs.append(model.state_dict())
+        runs.append(finetune(small_model(), party_data, epsilon=2.0, secret=secret).model_state)
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])  # pinned secret (unit tests only)
     assert any(not torch.equal(runs[2][k], runs[3][k]) for k in runs[0])  # fresh OS entropy each run
 
@@ -129,7 +149,7 @@ def test_empty_poisson_batches_still_take_noisy_steps(party_data):
     # Three examples at sample rate 1/3: many batches are empty; the run must neither crash nor go NaN.
     tiny = ImageSet(party_data.images[:3], party_data.labels[:3])
     config = DPSGDConfig(epochs=10, batch_size=1)
-    model = small_model()
-    record = dpsgd_finetune(model, tiny, epsilon=1.0, delta=1e-5, config=config)
+    release = finetune(small_model(), tiny, epsilon=1.0, config=config)
+    record = release.privacy
     assert record.steps == 30 and record.epsilon == pytest.approx(1.0, rel=1e-3)
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(v).all() for v in release.model_state.values())

@@ -275,15 +275,15 @@ def test_a_federated_scenario_is_not_read_as_a_continual_one():
 
 def test_a_run_folder_with_other_settings_is_not_resumed(tmp_path):
     from fedpsg.data.datasets import ImageSet
-    from fedpsg.federated_gan.cli import build_parser, settings_from_args
     from fedpsg.federated_gan.coordinator import FedGANRun
     from fedpsg.runs.folder import ResumeMismatchError
+    from fedpsg.simulate import build_parser, federated_settings_from_args
 
     test_images = ImageSet(torch.zeros(2, 1, 28, 28), torch.tensor([0, 1]))
 
     def settings(*flags):
         args = ["--scenario", "fed_gswgan_mnist", "--profile", "tiny", "--out", str(tmp_path), *flags]
-        return settings_from_args(build_parser().parse_args(args))
+        return federated_settings_from_args(build_parser().parse_args(args))
 
     FedGANRun(settings("--eps", "10"), test_images)
     FedGANRun(settings("--eps", "10", "--methods", "fed-gswgan"), test_images)  # fewer methods: same run

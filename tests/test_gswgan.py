@@ -11,14 +11,8 @@ import torch
 from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
 from fedpsg.dp.accounting import epsilon_spent
 from fedpsg.dp.secret import SecretRandomness
-from fedpsg.methods import PartyStage, get_method, gswgan
-from fedpsg.methods.gswgan import (
-    GSWGAN_PRESETS,
-    assign_subsets,
-    clip_per_sample,
-    gswgan_generate,
-    step_sensitivity,
-)
+from fedpsg.methods import PartyStage, Release, get_method, gswgan
+from fedpsg.methods.gswgan import GSWGAN_PRESETS, assign_subsets, clip_per_sample, step_sensitivity
 from fedpsg.nn.evaluation import EvalConfig, evaluate_training_set, new_classifier
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -27,6 +21,12 @@ MNIST = dataset_spec("mnist")
 CLASSES = [5, 6]
 TINY = GSWGAN_PRESETS["tiny"]
 EPSILON, DELTA = 10.0, 1e-5
+
+
+def generate(train, config, *, epsilon=EPSILON, seed=0, secret=None) -> Release:
+    """GS-WGAN on classes 5 and 6 through the base class's ``run`` (``secret=None``: fresh OS entropy)."""
+    stage = PartyStage(train, CLASSES, MNIST, epsilon=epsilon, delta=DELTA, seed=seed, progress_interval=math.inf)
+    return get_method("gswgan").run(stage, config, secret)
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +139,7 @@ def counted_run(small_train):
     secret = SecretRandomness.fresh()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(gswgan, "gaussian_mechanism", recording)
-        generated, record = gswgan_generate(
-            small_train, CLASSES, MNIST, epsilon=EPSILON, delta=DELTA, config=config, secret=secret
-        )
+        record = generate(small_train, config, secret=secret).privacy
     return config, secret, calls, record
 
 
@@ -186,11 +184,9 @@ def test_all_private_randomness_comes_from_the_secret_streams(small_train):
     config = replace(TINY, num_discriminators=3, pretrain_iterations=1, generator_iterations=4, samples_per_class=3)
 
     def release(secret_seed: int) -> torch.Tensor:
-        generated, _ = gswgan_generate(
-            small_train, CLASSES, MNIST, epsilon=math.inf, delta=DELTA, config=config, seed=5,
-            secret=SecretRandomness.fixed(secret_seed),
-        )  # fmt: skip
-        return generated.images
+        return generate(
+            small_train, config, epsilon=math.inf, seed=5, secret=SecretRandomness.fixed(secret_seed)
+        ).images
 
     first = release(1)
     torch.manual_seed(123)  # the global RNG must not matter
@@ -202,7 +198,7 @@ def test_the_non_private_reference_adds_no_noise(monkeypatch, small_train):
     calls = []
     monkeypatch.setattr(gswgan, "gaussian_mechanism", lambda *args, **kwargs: calls.append(args))
     config = replace(TINY, num_discriminators=2, pretrain_iterations=1, generator_iterations=3)
-    _, record = gswgan_generate(small_train, CLASSES, MNIST, epsilon=math.inf, delta=DELTA, config=config)
+    record = generate(small_train, config, epsilon=math.inf).privacy
     assert calls == [] and record.noise_multiplier == 0.0 and math.isinf(record.epsilon)
 
 
@@ -246,15 +242,11 @@ def test_a_tiny_stage_releases_a_labelled_normalised_set_and_identical_requests_
 def test_spc_sets_the_release_size_unless_samples_per_class_is_given(small_train):
     config = replace(TINY, num_discriminators=2, pretrain_iterations=0, generator_iterations=1, samples_per_class=None)
     # The scenario's spc (e.g. --spc 3) sets the size while samples_per_class is null ...
-    generated, _ = gswgan_generate(
-        small_train, CLASSES, MNIST, epsilon=math.inf, delta=DELTA, config=replace(config, spc=3)
-    )
-    assert generated.labels.tolist() == [5, 5, 5, 6, 6, 6]
+    generated = generate(small_train, replace(config, spc=3), epsilon=math.inf)
+    assert generated.labels.tolist() == [5, 5, 5, 6, 6, 6] and len(generated.images) == 6
     # ... and samples_per_class wins when it is set.
-    generated, _ = gswgan_generate(
-        small_train, CLASSES, MNIST, epsilon=math.inf, delta=DELTA, config=replace(config, spc=3, samples_per_class=2)
-    )
-    assert generated.labels.tolist() == [5, 5, 6, 6]
+    generated = generate(small_train, replace(config, spc=3, samples_per_class=2), epsilon=math.inf)
+    assert generated.labels.tolist() == [5, 5, 6, 6] and len(generated.images) == 4
     with pytest.raises(ValueError):
         replace(config, samples_per_class=0)
     with pytest.raises(ValueError):
@@ -271,6 +263,7 @@ def test_a_short_non_private_run_generates_images_a_classifier_learns_from(mnist
         critic_iterations=2,
         samples_per_class=100,
     )
-    generated, _ = gswgan_generate(train, CLASSES, MNIST, epsilon=math.inf, delta=DELTA, config=config, seed=1)
+    release = generate(train, config, epsilon=math.inf, seed=1)
+    generated = ImageSet(release.images, release.labels)
     result = evaluate_training_set(generated, test, MNIST, EvalConfig(width=16, epochs=20, augment=False, num_evals=1))
     assert result.mean > 0.8  # chance is 0.5 on two classes

@@ -248,8 +248,9 @@ def test_a_reservation_counts_while_its_process_lives_and_not_once_it_died_befor
 def test_a_release_that_fails_is_marked_and_still_counted(tmp_path):
     """An error reply leaves the party instead of the release: what was computed stays charged."""
     ledger = Ledger(tmp_path, "mnist")
-    with pytest.raises(RuntimeError), ledger.release(
-        private_record(4.0, 1e-5, 1.0, 1), ONE_RUN, method="dpmerf", purpose="stage 1"
+    with (
+        pytest.raises(RuntimeError),
+        ledger.release(private_record(4.0, 1e-5, 1.0, 1), ONE_RUN, method="dpmerf", purpose="stage 1"),
     ):
         raise RuntimeError("the method crashed")
     assert [e.status for e in ledger.entries()] == ["failed"]

@@ -27,12 +27,8 @@ from fedpsg.dp import gradients as dp_gradient
 from fedpsg.dp import secret
 from fedpsg.dp.accounting import PrivacyRecord
 from fedpsg.dp.secret import SecretRandomness
-from fedpsg.methods import dpmerf, get_method, psg
-from fedpsg.methods.dpdm import generate_dpdm_set
-from fedpsg.methods.dpmerf import dpmerf_generate
-from fedpsg.methods.dpsgd import DPSGDConfig, dpsgd_finetune
-from fedpsg.methods.gswgan import gswgan_generate
-from fedpsg.methods.psg import generate_private_set
+from fedpsg.methods import PartyStage, Release, dpmerf, get_method, psg
+from fedpsg.methods.dpsgd import DPSGDConfig
 from fedpsg.nn.evaluation import new_classifier
 from fedpsg.nn.models import build_model
 from fedpsg.runs.settings import resolve_settings
@@ -66,50 +62,35 @@ def request_for(method: str, seed: int = 7) -> TrainRequest:
     return TrainRequest(method, 2, 1, "fmnist", CLASSES, 10.0, 1e-5, seed, asdict(CONFIGS[method]), model_state, ARCH)
 
 
+def run_locally(method: str, data: ImageSet, config, *, epsilon=10.0, seed=0, model=None, secret=None) -> Release:
+    """The method on the party's data, as the party runs it (``secret=None``: fresh OS entropy)."""
+    stage = PartyStage(data, CLASSES, dataset_spec("fmnist"), epsilon=epsilon, delta=1e-5, seed=seed, model=model)
+    return get_method(method).run(stage, config, secret)
+
+
+def flattened(release: Release) -> torch.Tensor:
+    """The DP set, or (DP-SGD) the DP-trained model's state, flattened."""
+    if release.images is not None:
+        return release.images
+    return torch.cat([v.flatten().float() for v in release.model_state.values()])
+
+
 def released(grid: InProcessGrid, request: TrainRequest) -> torch.Tensor:
     """What the party sends back: the DP set, or (DP-SGD) the DP-trained model, flattened."""
     node = next(n for n, c in grid.contexts.items() if c.node_config["partition-id"] == request.partition)
     message = grid.send_and_receive([Message(encode_train_request(request), dst_node_id=node, message_type="train")])[0]
     assert not message.has_error(), message.error
-    reply = decode_reply(message.content)
-    if reply.images is not None:
-        return reply.images
-    return torch.cat([v.flatten().float() for v in reply.model_state.values()])
+    return flattened(decode_reply(message.content))
 
 
 def replay_with_everything_the_coordinator_holds(method: str, request: TrainRequest, data: ImageSet) -> torch.Tensor:
     """The attack that used to work: re-run the method with the request's seed driving all randomness."""
     guessed = SecretRandomness.fixed(request.seed)  # the old code seeded sampling/noise with seed, seed + 1
     spec = dataset_spec(request.dataset)
-    if method == "psg":
-        return generate_private_set(
-            data,
-            CLASSES,
-            spec,
-            epsilon=10.0,
-            delta=1e-5,
-            config=PSG,
-            seed=request.seed,
-            secret=guessed,
-        ).images
-    if method == "dpdm":
-        return generate_dpdm_set(
-            data, CLASSES, spec, epsilon=10.0, delta=1e-5, config=DPDM, seed=request.seed, secret=guessed
-        ).images
-    if method == "dpmerf":
-        generated, _ = dpmerf_generate(
-            data, CLASSES, dataset="fmnist", epsilon=10.0, delta=1e-5, config=DPMERF, seed=request.seed, secret=guessed
-        )
-        return generated.images
-    if method == "gswgan":
-        generated, _ = gswgan_generate(
-            data, CLASSES, spec, epsilon=10.0, delta=1e-5, config=GSWGAN, seed=request.seed, secret=guessed
-        )
-        return generated.images
     model = build_model(ARCH["model"], spec.channels, spec.num_classes, spec.image_size, ARCH["width"], ARCH["depth"])
     model.load_state_dict(request.model_state)
-    dpsgd_finetune(model, data, epsilon=10.0, delta=1e-5, config=DPSGD, secret=guessed)
-    return torch.cat([v.flatten().float() for v in model.state_dict().values()])
+    config = CONFIGS[method]
+    return flattened(run_locally(method, data, config, epsilon=10.0, seed=request.seed, model=model, secret=guessed))
 
 
 @pytest.mark.parametrize("method", ["psg", "dpsgd", "dpmerf", "dpdm", "gswgan"])
@@ -205,15 +186,7 @@ def test_psg_makes_exactly_the_releases_it_accounts_for(monkeypatch, party_data,
     config = replace(PSG, width=8, iterations=2, outer_loop=3, batch_loop=40, inner_loop=1, batch_size=64)
     releases = count_calls(monkeypatch, dp_gradient, "gaussian_mechanism")
     batches = count_calls(monkeypatch, psg, "private_gradient")
-    synthetic = generate_private_set(
-        party_data,
-        CLASSES,
-        dataset_spec("fmnist"),
-        epsilon=10.0,
-        delta=1e-5,
-        config=config,
-    )
-    record = synthetic.privacy
+    record = run_locally("psg", party_data, config).privacy
     assert len(releases) == config.iterations * config.outer_loop * config.batch_loop == record.steps
     # Each release adds noise of std sigma * C, the sigma the accountant composed.
     assert all(args[1] == pytest.approx(record.noise_multiplier * config.max_grad_norm) for args, _ in releases)
@@ -230,7 +203,8 @@ def test_dpsgd_takes_exactly_the_noisy_steps_it_accounts_for(monkeypatch, party_
     model = build_model("convnet", 1, 10, (28, 28), width=8, depth=2)
     sizes: list[int] = []
     model.register_forward_pre_hook(lambda _module, args: sizes.append(len(args[0])))
-    record = dpsgd_finetune(model, data, epsilon=2.0, delta=1e-5, config=config)
+    # DP-SGD trains a deep copy of the model, which carries this hook along.
+    record = run_locally("dpsgd", data, config, epsilon=2.0, model=model).privacy
     assert len(noise_calls) == len(sizes) == record.steps == 4 * 100
     assert record.dataset_size == 2000
     assert_poisson_sizes(sizes, 2000, record.sample_rate)
@@ -239,7 +213,7 @@ def test_dpsgd_takes_exactly_the_noisy_steps_it_accounts_for(monkeypatch, party_
 
 def test_dpmerf_makes_one_release_at_the_add_remove_calibration(monkeypatch, party_data):
     releases = count_calls(monkeypatch, dpmerf, "gaussian_mechanism")
-    _, record = dpmerf_generate(party_data, CLASSES, dataset="fmnist", epsilon=1.0, delta=1e-5, config=DPMERF)
+    record = run_locally("dpmerf", party_data, DPMERF, epsilon=1.0).privacy
     assert len(releases) == 1 == record.steps and record.sample_rate == 1.0
     (args, _) = releases[0]
     # Add/remove-one on a noisy sum over the public n: one unit-norm term, so std = sigma / n.

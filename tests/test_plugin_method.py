@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import pytest
@@ -20,9 +20,11 @@ import torch
 
 from fedpsg.continual.coordinator import Coordinator
 from fedpsg.continual.local import LocalParties
+from fedpsg.data.datasets import ImageSet, dataset_spec
 from fedpsg.dp.accounting import PrivacyRecord, private_record
 from fedpsg.dp.mechanisms import gaussian_mechanism
 from fedpsg.dp.secret import SecretRandomness
+from fedpsg.io.progress import Progress
 from fedpsg.methods import PLUGINS_ENV, Method, PartyStage, Release, method_names, register_method
 from fedpsg.nn.evaluation import SMALL_SET_EVALUATION
 from fedpsg.runs.settings import resolve_settings
@@ -55,8 +57,12 @@ class NoisyMeans(Method):
         # Classes are disjoint, so one example changes one row by at most max_norm: one release.
         return private_record(stage.epsilon, stage.delta, 1.0, 1, dataset_size=len(stage.data))
 
-    def run(self, stage: PartyStage, config: NoisyMeansConfig, secret: SecretRandomness | None = None) -> Release:
-        secret = secret or SecretRandomness.fresh(stage.device)
+    def steps(self, stage: PartyStage, config: NoisyMeansConfig) -> int:
+        return 1
+
+    def release(
+        self, stage: PartyStage, config: NoisyMeansConfig, secret: SecretRandomness, progress: Progress
+    ) -> Release:
         images = stage.data.images.flatten(1)
         images = images * (config.max_norm / images.norm(dim=1, keepdim=True)).clamp(max=1.0)
         sums = torch.stack([images[stage.data.labels == c].sum(0) for c in stage.classes])
@@ -67,10 +73,8 @@ class NoisyMeans(Method):
         copies = means.repeat_interleave(config.spc, 0)
         copies = copies + config.jitter * torch.randn(copies.shape, generator=public)
         labels = torch.tensor(stage.classes).repeat_interleave(config.spc)
-        stage.progress(1).step()
+        progress.step()
         return Release(record, images=copies.view(-1, *stage.data.images.shape[1:]), labels=labels)
-
-
 
 
 FAST = ["evaluation.epochs=20", "evaluation.num_evals=1", "toy.spc=2"]
@@ -102,3 +106,75 @@ def test_toy_method_runs_through_the_flower_simulation(tmp_path, data_dir):
     assert frame["method"].tolist() == ["toy", "toy"] and frame["stage"].tolist() == [1, 2]
     assert json.loads((tmp_path / "summary.json").read_text())["final_accuracy"]["toy"] > 0.5
     assert "[party 1] toy stage 2" in result.stdout + result.stderr  # progress from inside the Ray actor
+
+
+# ---- what the base class's run() lets out -------------------------------------------------------
+
+
+def tiny_stage(epsilon: float = 10.0) -> PartyStage:
+    generator = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randn(8, 1, 28, 28, generator=generator), torch.tensor([5, 6]).repeat_interleave(4))
+    return PartyStage(data, [5, 6], dataset_spec("mnist"), epsilon=epsilon, delta=1e-5)
+
+
+class Misreporting(NoisyMeans):
+    """The toy method, but its release claims a mechanism other than the one its plan wrote to the ledger."""
+
+    def __init__(self, change) -> None:
+        self.change = change
+
+    def release(self, stage, config, secret, progress) -> Release:
+        honest = super().release(stage, config, secret, progress)
+        return replace(honest, privacy=self.change(honest.privacy))
+
+
+class Imageless(NoisyMeans):
+    """The toy method (declared 'synthetic'), but its release carries a model instead of the images."""
+
+    def release(self, stage, config, secret, progress) -> Release:
+        honest = super().release(stage, config, secret, progress)
+        return Release(honest.privacy, model_state={"weight": honest.images.mean(0)})
+
+
+class Modelless(NoisyMeans):
+    """The toy method declared as releasing a model, but returning only images."""
+
+    releases = "model"
+
+
+def test_run_releases_what_plan_spends_and_a_missing_secret_is_fresh_entropy():
+    stage, config = tiny_stage(), NoisyMeansConfig()
+    first, second = NoisyMeans().run(stage, config), NoisyMeans().run(stage, config)
+    assert first.images.shape == (6, 1, 28, 28) and first.labels.tolist() == [5, 5, 5, 6, 6, 6]
+    assert first.privacy.steps == 1 and first.privacy.sample_rate == 1.0 and first.privacy.noise_multiplier > 0
+    assert not torch.allclose(first.images, second.images)  # no secret given: fresh noise each time
+    pinned = [NoisyMeans().run(stage, config, SecretRandomness.fixed(4)).images for _ in range(2)]
+    assert torch.equal(*pinned)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda r: replace(r, noise_multiplier=r.noise_multiplier / 2),  # less noise than the ledger holds
+        lambda r: replace(r, sample_rate=r.sample_rate / 2),
+        lambda r: replace(r, steps=r.steps + 1),
+        lambda r: replace(r, adjacency="replace-one"),
+    ],
+    ids=["noise", "sample-rate", "steps", "adjacency"],
+)
+def test_run_withholds_a_release_that_spends_other_than_planned(change):
+    stage, config = tiny_stage(), NoisyMeansConfig()
+    assert change(NoisyMeans().plan(stage, config)) != NoisyMeans().plan(stage, config)
+    with pytest.raises(RuntimeError, match="withheld"):
+        Misreporting(change).run(stage, config)
+    Misreporting(lambda r: r).run(stage, config)  # the same method, honest, is let out
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [(Imageless(), "declares a synthetic release but returned no images"), (Modelless(), "returned no model")],
+    ids=["synthetic-without-images", "model-without-model"],
+)
+def test_run_withholds_a_release_of_the_wrong_kind(method, message):
+    with pytest.raises(RuntimeError, match=message):
+        method.run(tiny_stage(), NoisyMeansConfig())

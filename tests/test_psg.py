@@ -7,12 +7,14 @@ import torch
 from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
 from fedpsg.data.synthetic import SyntheticSet
 from fedpsg.dp.secret import SecretRandomness, public_seed
-from fedpsg.methods import get_method
-from fedpsg.methods.psg import PSGConfig, generate_private_set, inner_training_set
+from fedpsg.methods import PartyStage, Release, get_method
+from fedpsg.methods.psg import PSGConfig, inner_training_set
 from fedpsg.nn.evaluation import evaluate_training_set
 
-TINY = get_method("psg").presets["tiny"]
-TINY_EVAL = get_method("psg").evaluation["tiny"]
+METHOD = get_method("psg")
+MNIST = dataset_spec("mnist")
+TINY = METHOD.presets["tiny"]
+TINY_EVAL = METHOD.evaluation["tiny"]
 SMALL = replace(TINY, iterations=1, outer_loop=2, batch_loop=2, inner_loop=2)
 
 
@@ -23,17 +25,10 @@ def mnist_56(data_dir):
     return train, test
 
 
-def run(train, config=SMALL, epsilon=10.0, seed=0, secret=None):
-    return generate_private_set(
-        train,
-        [5, 6],
-        dataset_spec("mnist"),
-        epsilon=epsilon,
-        delta=1e-5,
-        config=config,
-        seed=seed,
-        secret=secret,
-    )
+def run(train, config=SMALL, epsilon=10.0, seed=0, secret=None, earlier=None) -> Release:
+    """PSG on classes 5 and 6 through the base class's ``run`` (``secret=None``: fresh OS entropy)."""
+    stage = PartyStage(train, [5, 6], MNIST, epsilon=epsilon, delta=1e-5, seed=seed, earlier=earlier)
+    return METHOD.run(stage, config, secret)
 
 
 def test_a_pinned_secret_reproduces_the_set_and_the_public_seed_alone_does_not(mnist_56):
@@ -62,10 +57,12 @@ def test_non_private_mode(mnist_56):
 
 
 def test_save_load_round_trip(mnist_56, tmp_path):
-    synthetic = run(mnist_56[0])
+    release = run(mnist_56[0])
+    synthetic = SyntheticSet(release.images, release.labels, "mnist", [5, 6], release.privacy, {"method": "psg"})
     synthetic.save(tmp_path / "s.pt")
     loaded = SyntheticSet.load(tmp_path / "s.pt")
-    assert torch.equal(loaded.images, synthetic.images) and loaded.privacy == synthetic.privacy
+    assert torch.equal(loaded.images, release.images) and torch.equal(loaded.labels, release.labels)
+    assert loaded.privacy == release.privacy and loaded.classes == [5, 6]
     assert not list(tmp_path.glob("*.partial"))
 
 
@@ -93,6 +90,10 @@ def test_bad_configs_rejected(mnist_56):
         PSGConfig(max_grad_norm=-1)
 
 
+def as_image_set(release: Release) -> ImageSet:
+    return ImageSet(release.images, release.labels)
+
+
 @pytest.mark.statistical
 def test_tiny_profile_beats_chance_by_far_on_real_mnist(mnist_56):
     # Fresh secrets, as a party draws them. Measured over nine secrets, one set's mean accuracy
@@ -100,8 +101,7 @@ def test_tiny_profile_beats_chance_by_far_on_real_mnist(mnist_56):
     # images that never move give 0.50 (chance).
     train, test = mnist_56
     means = [
-        evaluate_training_set(run(train, config=TINY).as_image_set(), test, dataset_spec("mnist"), TINY_EVAL).mean
-        for _ in range(3)
+        evaluate_training_set(as_image_set(run(train, config=TINY)), test, MNIST, TINY_EVAL).mean for _ in range(3)
     ]
     assert sum(means) / len(means) > 0.72, means
 
@@ -122,14 +122,8 @@ def test_inner_training_set_holds_earlier_sets_and_placeholders_for_unseen_class
 def test_earlier_sets_change_the_released_set_but_not_the_privacy_cost(mnist_56):
     train, _ = mnist_56
     earlier = ImageSet(torch.randn(20, 1, 28, 28), torch.tensor([1, 2]).repeat_interleave(10))
-    spec = dataset_spec("mnist")
     ALL_SETS = replace(SMALL, inner_on_all_sets=True)  # noqa: N806
-    pinned = [
-        generate_private_set(
-            train, [5, 6], spec, epsilon=10.0, delta=1e-5, config=ALL_SETS, secret=SecretRandomness.fixed(3), earlier=e
-        )
-        for e in (None, earlier)
-    ]
+    pinned = [run(train, config=ALL_SETS, secret=SecretRandomness.fixed(3), earlier=e) for e in (None, earlier)]
     assert not torch.equal(pinned[0].images, pinned[1].images)  # the inner network saw other classes
     assert pinned[0].privacy == pinned[1].privacy
 

@@ -31,7 +31,6 @@ too weak rather than reporting a reassuring number.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Iterator
@@ -250,7 +249,6 @@ def run_audit(
         stage,
         data=with_canaries(stage.data, canaries),
         epsilon=epsilon,
-        model=copy.deepcopy(stage.model),  # a method may finetune it in place (DP-SGD)
         label=f"{stage.label} [{variant}]",
     )
     purpose = f"audit of {method.name} ({variant})"

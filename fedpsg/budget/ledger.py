@@ -178,9 +178,7 @@ class Ledger:
         if reason:
             raise self._refused(reason, record, method, purpose)
 
-    def reserve(
-        self, record: PrivacyRecord, policy: PartyPolicy, *, method: str, purpose: str, run: str = ""
-    ) -> Entry:
+    def reserve(self, record: PrivacyRecord, policy: PartyPolicy, *, method: str, purpose: str, run: str = "") -> Entry:
         """Check a planned release against ``policy`` and write it down; raise :class:`Refused` if it does not fit."""
         with self._locked():
             entries = self.entries()

@@ -22,14 +22,15 @@ from typing import Protocol
 import pandas as pd
 import torch
 
-from fedpsg.continual.protocol import StageReply, TrainRequest
+from fedpsg.continual.protocol import TrainRequest
 from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
 from fedpsg.data.synthetic import SyntheticSet, save_grid
 from fedpsg.io.files import save_atomically, write_json
-from fedpsg.methods import get_method
+from fedpsg.methods import Release, get_method
 from fedpsg.nn.evaluation import Evaluation, accuracy_by_group, evaluate_training_set, new_classifier, train_classifier
-from fedpsg.runs.folder import PartyError, PartyUnavailable, run_log, stored_run
+from fedpsg.runs.folder import PartyError, RunFolder
 from fedpsg.runs.results import accuracy_table, write_results, write_summary
+from fedpsg.runs.retry import send_with_retries
 from fedpsg.runs.settings import RunSettings, format_epsilon
 
 log = logging.getLogger("fedpsg.continual.coordinator")
@@ -41,13 +42,8 @@ class Parties(Protocol):
     def discover(self, partitions: list[int], timeout: float) -> None:
         """Find the nodes holding ``partitions`` (again, after one vanished); raise PartyUnavailable."""
 
-    def send(self, request: TrainRequest, timeout: float) -> StageReply:
+    def send(self, request: TrainRequest, timeout: float) -> Release:
         """Run one stage on ``request.partition``; raise PartyUnavailable / PartyError."""
-
-
-def check_resumable(settings: RunSettings) -> bool:
-    """True if ``settings.out`` holds a run to resume; raise if it holds a different run."""
-    return stored_run(settings.out, settings.identity()) is not None
 
 
 class Coordinator:
@@ -56,14 +52,15 @@ class Coordinator:
         self.spec = dataset_spec(settings.scenario.dataset)
         self.test = test if test is not None else load_images(self.spec.name, train=False, data_dir=settings.data_dir)
         self.out = settings.out
-        self._check_or_write_config()
+        self.folder = RunFolder(self.out, settings.identity())
+        if self.folder.open():
+            log.info("resuming the run in %s", self.out)
 
     # ----- the run ----------------------------------------------------------------------------
     def run(self, parties: Parties) -> list[dict]:
         """Every method's stages in order; returns the result rows. Writes DONE when complete."""
         settings = self.settings
-        (self.out / "DONE").unlink(missing_ok=True)  # written again only if this run completes
-        with run_log(self.out / "run.log"):
+        with self.folder.running():
             parties.discover(list(range(settings.num_partitions)), settings.reconnect_timeout)
             try:
                 for method in settings.methods:
@@ -75,7 +72,6 @@ class Coordinator:
             rows = self.rows()
             if rows:
                 print(accuracy_table(pd.DataFrame(rows)).to_string(), flush=True)
-            (self.out / "DONE").write_text("completed\n")
             return rows
 
     def _run_stage(self, parties: Parties, method: str, stage: int, classes: list[int]) -> None:
@@ -89,7 +85,13 @@ class Coordinator:
         if self.received_set(method, stage):  # reply stored, evaluation interrupted
             row = self.resume_stage(method, stage)
         else:
-            reply = self._send_with_retries(parties, self.request(method, stage))
+            request = self.request(method, stage)
+            reply = send_with_retries(
+                lambda: parties.send(request, self.settings.stage_timeout),
+                lambda: parties.discover([partition], self.settings.reconnect_timeout),
+                self.settings.stage_retries,
+                request.where,
+            )
             row = self.accept(method, stage, classes, reply, time.perf_counter() - started)
         log.info(
             "%s stage %d done: %.2f%% over seen classes, party spent eps=%s (%.0f s)",
@@ -117,26 +119,6 @@ class Coordinator:
             earlier=earlier,
         )
 
-    def _send_with_retries(self, parties: Parties, request: TrainRequest) -> StageReply:
-        """Send a stage; if its party vanishes, wait (bounded) for it to come back and re-send."""
-        settings = self.settings
-        for attempt in range(settings.stage_retries + 1):
-            try:
-                return parties.send(request, settings.stage_timeout)
-            except PartyUnavailable as err:
-                if attempt == settings.stage_retries:
-                    raise PartyError(f"{err}; gave up after {attempt + 1} attempts") from err
-                log.warning(
-                    "%s; waiting up to %.0f s for partition %d to come back",
-                    err, settings.reconnect_timeout, request.partition,
-                )  # fmt: skip
-            try:
-                parties.discover([request.partition], settings.reconnect_timeout)
-            except PartyUnavailable as err:
-                raise PartyError(f"{request.where}: the party did not come back ({err})") from err
-            log.info("partition %d is back: retrying stage %d", request.partition, request.stage)
-        raise AssertionError("unreachable")
-
     # ----- output layout -------------------------------------------------------------------
     def _set_path(self, method: str, stage: int) -> Path:
         return self.out / "sets" / method / f"stage{stage}.pt"
@@ -149,15 +131,6 @@ class Coordinator:
 
     def _row_path(self, method: str, stage: int) -> Path:
         return self.out / "stages" / f"{method}-stage{stage}.json"
-
-    def _check_or_write_config(self) -> None:
-        identity = self.settings.identity()
-        found = stored_run(self.out, identity)
-        if found is not None:
-            log.info("resuming the run in %s", self.out)
-            identity["methods"] = {**found["methods"], **identity["methods"]}
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / "config.json", identity)
 
     # ----- stage bookkeeping --------------------------------------------------------------------
     def is_done(self, method: str, stage: int) -> bool:
@@ -178,7 +151,7 @@ class Coordinator:
         return [json.loads(p.read_text(), parse_constant=float) for p in paths]
 
     # ----- receiving and evaluating ---------------------------------------------------------------
-    def accept(self, method: str, stage: int, classes: list[int], reply: StageReply, party_seconds: float) -> dict:
+    def accept(self, method: str, stage: int, classes: list[int], reply: Release, party_seconds: float) -> dict:
         """Store a party's reply at once, then replay, evaluate and record the stage."""
         self._validate_reply(method, stage, classes, reply)
         if reply.images is not None:
@@ -197,7 +170,7 @@ class Coordinator:
         receipt = json.loads(self._receipt_path(method, stage).read_text(), parse_constant=float)
         return self.evaluate_stage(method, stage, receipt["party_seconds"], receipt["privacy"])
 
-    def _validate_reply(self, method: str, stage: int, classes: list[int], reply: StageReply) -> None:
+    def _validate_reply(self, method: str, stage: int, classes: list[int], reply: Release) -> None:
         eps = self.settings.epsilon
         if not math.isinf(eps) and not (reply.privacy.epsilon <= eps * (1 + 1e-6)):
             raise ValueError(f"stage {stage}: party spent epsilon={reply.privacy.epsilon}, budget is {eps}")
@@ -276,7 +249,8 @@ class Coordinator:
         eps = self.settings.epsilon
         title = f"{self.settings.scenario.name}: ε={format_epsilon(eps).replace('inf', '∞')}, δ={self.settings.delta:g}"
         frame = write_results(rows, self.out, title)
-        write_summary(frame, self.out, self.settings.identity(), {"profile": self.settings.profile})
+        extra = {"stages": frame.to_dict(orient="records"), "profile": self.settings.profile}
+        write_summary(frame, self.out, "stage", self.settings.identity(), extra)
         for method in self.settings.methods:
             sets = [self._set_path(method, k) for k in range(1, len(self.settings.stages) + 1)]
             sets = [SyntheticSet.load(p) for p in sets if p.exists()]

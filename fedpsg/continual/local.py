@@ -13,13 +13,13 @@ from pathlib import Path
 from fedpsg.budget.policy import load_policy, party_dir
 from fedpsg.continual.party import run_stage
 from fedpsg.continual.protocol import (
-    StageReply,
     TrainRequest,
     decode_reply,
     decode_train_request,
     encode_reply,
     encode_train_request,
 )
+from fedpsg.methods import Release
 from fedpsg.runs.folder import PartyError
 
 
@@ -32,13 +32,13 @@ class LocalParties:
         state_dir: str | Path | None = None,
     ) -> None:
         self.data_dir, self.device, self.num_partitions, self.state_dir = data_dir, device, num_partitions, state_dir
-        self.replies: list[StageReply] = []  # every reply, as the coordinator received it
+        self.replies: list[Release] = []  # every reply, as the coordinator received it
 
     def discover(self, partitions: list[int], timeout: float) -> None:
         if self.num_partitions is not None and max(partitions) >= self.num_partitions:
             raise PartyError(f"no party holds partition(s) {[p for p in partitions if p >= self.num_partitions]}")
 
-    def send(self, request: TrainRequest, timeout: float) -> StageReply:
+    def send(self, request: TrainRequest, timeout: float) -> Release:
         received = decode_train_request(encode_train_request(request))  # as it would travel
         folder = party_dir(received.partition, self.state_dir)
         reply = run_stage(

@@ -8,15 +8,16 @@ before it is computed. The coordinator's request only proposes.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from fedpsg.budget.charge import charged_run
 from fedpsg.budget.ledger import Ledger
 from fedpsg.budget.policy import PartyPolicy
-from fedpsg.continual.protocol import StageReply, TrainRequest
+from fedpsg.continual.protocol import TrainRequest
 from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
 from fedpsg.dp.secret import SecretRandomness
-from fedpsg.methods import PartyStage, get_method
+from fedpsg.methods import PartyStage, Release, get_method
 from fedpsg.nn.evaluation import EvalConfig, new_classifier
 from fedpsg.runs.settings import config_from_hyperparameters
 
@@ -31,7 +32,7 @@ def run_stage(
     device: str = "cpu",
     secret: SecretRandomness | None = None,
     progress_interval: float = 10.0,
-) -> StageReply:
+) -> Release:
     """Answer ``request`` as the party holding ``partition``, whose folder holds its lifetime ledgers.
 
     ``secret`` defaults to fresh OS entropy.
@@ -67,6 +68,6 @@ def run_stage(
     )
     ledger = Ledger(party_folder, request.dataset, who)
     release = charged_run(method, stage, config, ledger, policy, f"{what} (classes {request.classes})", secret)
-    # A method that releases a set never trains the model on private data: it goes back as it came.
-    model_state = release.model_state if method.releases == "model" else request.model_state
-    return StageReply(release.privacy, model_state, release.images, release.labels)
+    if method.releases == "synthetic":  # it never trains the model on private data: it goes back as it came
+        release = replace(release, model_state=request.model_state)
+    return release

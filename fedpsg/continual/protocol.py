@@ -3,7 +3,8 @@
 A train request carries the stage's public settings and the coordinator's current model.
 A party's reply carries exactly three records, all of them DP outputs or public:
 ``synthetic`` (the DP set: images + labels; absent for methods that release only a model),
-``model`` (the model state) and ``privacy`` (the accountant's record).
+``model`` (the model state) and ``privacy`` (the accountant's record): a method's
+:class:`~fedpsg.methods.Release`, with the model always present.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fedpsg.dp.accounting import PrivacyRecord
+from fedpsg.methods import Release
 from fedpsg.runs.wire import check_reply_keys, privacy_config, read_privacy
 
 REPLY_KEYS = frozenset({"synthetic", "model", "privacy"})
@@ -87,27 +88,19 @@ def _pair(record: ArrayRecord | None) -> tuple[torch.Tensor, torch.Tensor] | Non
     return arrays["images"], arrays["labels"]
 
 
-@dataclass(frozen=True)
-class StageReply:
-    privacy: PrivacyRecord
-    model_state: dict[str, torch.Tensor]
-    images: torch.Tensor | None = None
-    labels: torch.Tensor | None = None
-
-
-def encode_reply(reply: StageReply) -> RecordDict:
+def encode_reply(reply: Release) -> RecordDict:
     records: dict = {"model": ArrayRecord(reply.model_state), "privacy": privacy_config(reply.privacy)}
     if reply.images is not None:
         records["synthetic"] = ArrayRecord({"images": reply.images.detach().cpu(), "labels": reply.labels.cpu()})
     return RecordDict(records)
 
 
-def decode_reply(content: RecordDict) -> StageReply:
+def decode_reply(content: RecordDict) -> Release:
     check_reply_keys(content, REPLY_KEYS)
     privacy, _ = read_privacy(content)
     synthetic = content.array_records.get("synthetic")
     arrays = synthetic.to_torch_state_dict() if synthetic is not None else {}
-    return StageReply(
+    return Release(
         privacy=privacy,
         model_state=content.array_records["model"].to_torch_state_dict(),
         images=arrays.get("images"),

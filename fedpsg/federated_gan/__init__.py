@@ -12,6 +12,6 @@ the coordinator keeps a conditional generator and trains it round by round with 
 
 Modules: :mod:`.config` (settings), :mod:`.split` (who holds which data), :mod:`.party` (a
 party's answers and its on-disk ledger), :mod:`.protocol` (the messages), :mod:`.coordinator`
-(rounds, evaluation, outputs, resume), :mod:`.cli` (``python -m fedpsg.simulate --scenario
-fed_gswgan_mnist``).
+(rounds, evaluation, outputs, resume). The command line is ``python -m fedpsg.simulate --scenario
+fed_gswgan_mnist`` (:mod:`fedpsg.simulate`, shared with the continual scenarios).
 """

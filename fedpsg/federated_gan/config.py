@@ -10,61 +10,40 @@ from pathlib import Path
 from typing import Any
 
 from fedpsg.data.datasets import dataset_spec
-from fedpsg.dp.accounting import ACCOUNTANTS, validate_budget
+from fedpsg.dp.accounting import validate_budget
 from fedpsg.io.files import strict_json
-from fedpsg.methods import PROFILES
 from fedpsg.nn.evaluation import EvalConfig
-from fedpsg.runs.settings import apply_overrides, default_device, default_profile, format_epsilon, parse_overrides
+from fedpsg.nn.gan import GANConfig
+from fedpsg.runs.scenario import scenario_fields
+from fedpsg.runs.settings import apply_overrides, format_epsilon, override_sections, resolve_device, resolve_profile
 
 KIND = "federated-gan"
 METHODS = ("fed-gswgan", "fedavg-gan")
 SPLITS = ("iid", "by-class")
+DEFAULT_ROUND_TIMEOUT = 600.0  # seconds to wait for a round's replies
 GAN, EVALUATION = "gan", "evaluation"
 
 
 @dataclass(frozen=True)
-class FedGANConfig:
-    """One config for both methods, so that they train the same networks for the same rounds."""
+class FedGANConfig(GANConfig):
+    """One config for both methods, so that they train the same networks for the same rounds.
+
+    ``pretrain_iterations`` is each party's non-private warm start of its critic (fed-gswgan).
+    """
 
     rounds: int = 20000  # generator steps (fed-gswgan) / averaging rounds (fedavg-gan)
     parties_per_round: int | None = None  # selected cyclically, so every party takes part equally; None = all
-    batch_size: int = 32  # generated samples per selected party per round
-    critic_iterations: int = 5  # a party's critic updates per round, on the round's samples
-    pretrain_iterations: int = 2000  # a party's non-private warm start of its critic (fed-gswgan)
     local_steps: int = 5  # fedavg-gan: local GAN iterations per round on the party's data
-    max_grad_norm: float = 1.0  # C: per-sample clip of each sample's gradient
-    gp_weight: float = 10.0
-    drift_weight: float = 0.001
-    lr_generator: float = 1e-4
-    lr_discriminator: float = 1e-4
-    adam_beta1: float = 0.5
-    adam_beta2: float = 0.9
-    latent_dim: int = 10
-    generator_width: int = 64
-    critic_width: int = 64
-    ema_decay: float = 0.999
     samples_per_class: int = 6000  # generated per class to train the evaluation classifiers
     eval_every: int = 2000  # rounds between evaluations (and image grids); the last round always
-    accountant: str = "rdp"
 
     def __post_init__(self) -> None:
-        positive = [
-            "rounds", "batch_size", "critic_iterations", "local_steps", "latent_dim",
-            "generator_width", "critic_width", "samples_per_class", "eval_every",
-        ]  # fmt: skip
-        bad = [name for name in positive if getattr(self, name) < 1]
+        super().__post_init__()
+        bad = [name for name in ("rounds", "local_steps", "samples_per_class", "eval_every") if getattr(self, name) < 1]
         if self.parties_per_round is not None and self.parties_per_round < 1:
             bad.append("parties_per_round")
         if bad:
             raise ValueError(f"must be >= 1: {', '.join(bad)}")
-        if self.pretrain_iterations < 0:
-            raise ValueError(f"pretrain_iterations must be >= 0, got {self.pretrain_iterations}")
-        if not (self.max_grad_norm > 0 and self.lr_generator > 0 and self.lr_discriminator > 0):
-            raise ValueError("max_grad_norm, lr_generator and lr_discriminator must be > 0")
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and 0 <= self.ema_decay < 1):
-            raise ValueError("adam_beta1, adam_beta2 and ema_decay must be in [0, 1)")
-        if self.accountant not in ACCOUNTANTS:
-            raise ValueError(f"unknown accountant {self.accountant!r}; available: {', '.join(ACCOUNTANTS)}")
 
 
 PRESETS: dict[str, FedGANConfig] = {
@@ -138,8 +117,6 @@ class FedGANScenario:
 
 
 def read_federated_scenario(path: Path, values: Mapping[str, Any]) -> FedGANScenario:
-    from fedpsg.runs.scenario import scenario_fields  # the continual scenarios' file reading
-
     scenario = FedGANScenario(**scenario_fields(path, values, FedGANScenario))
     scenario.validate()
     return scenario
@@ -155,7 +132,7 @@ class FedGANSettings:
     device: str
     out: Path
     data_dir: str | None = None
-    round_timeout: float = 600.0  # seconds to wait for a round's replies
+    round_timeout: float = DEFAULT_ROUND_TIMEOUT
     round_retries: int = 2  # re-sends of a round none of whose parties answered
 
     @property
@@ -210,7 +187,7 @@ def resolve_federated_settings(
     device: str | None = None,
     out: str | Path | None = None,
     data_dir: str | None = None,
-    round_timeout: float = 600.0,
+    round_timeout: float = DEFAULT_ROUND_TIMEOUT,
     overrides: Mapping[str, Any] | Iterable[str] | str | None = None,
 ) -> FedGANSettings:
     """Merge scenario file, profile preset and overrides (``gan.KEY=V``, ``evaluation.KEY=V``)."""
@@ -225,18 +202,9 @@ def resolve_federated_settings(
     chosen.validate()
     if round_timeout <= 0:
         raise ValueError("round timeout must be > 0 seconds")
-    device = device or default_device()
-    profile = profile or chosen.profile or default_profile(device)
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; available: {', '.join(PROFILES)}")
-    if overrides is None or isinstance(overrides, (str, list, tuple)):
-        overrides = parse_overrides(overrides)
-    sections: dict[str, dict[str, Any]] = {}
-    for name, value in {**chosen.overrides, **overrides}.items():
-        section, _, key = name.rpartition(".")
-        if section not in (GAN, EVALUATION):
-            raise ValueError(f"unknown settings section {section!r} in {name!r}; known: {GAN}, {EVALUATION}")
-        sections.setdefault(section, {})[key] = value
+    device = resolve_device(device)
+    profile = resolve_profile(profile, chosen.profile, device)
+    sections = override_sections(chosen.overrides, overrides, (GAN, EVALUATION))
     config = apply_overrides(PRESETS[profile], sections.get(GAN, {}), GAN)
     evaluation = apply_overrides(EVALUATIONS[profile], sections.get(EVALUATION, {}), EVALUATION)
     if out is None:

@@ -30,19 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import matplotlib
+import pandas as pd
+import torch
+from flwr.app import RecordDict
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from flwr.app import RecordDict  # noqa: E402
-
-from fedpsg.data.datasets import ImageSet, dataset_spec, load_images  # noqa: E402
-from fedpsg.data.synthetic import save_grid  # noqa: E402
-from fedpsg.federated_gan.config import FedGANSettings, round_parties  # noqa: E402
-from fedpsg.federated_gan.party import adam, new_critic, new_generator  # noqa: E402
-from fedpsg.federated_gan.protocol import (  # noqa: E402
+from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
+from fedpsg.data.synthetic import save_grid
+from fedpsg.federated_gan.config import FedGANSettings, round_parties
+from fedpsg.federated_gan.protocol import (
     RoundRequest,
     decode_gradient_reply,
     decode_model_reply,
@@ -50,12 +45,14 @@ from fedpsg.federated_gan.protocol import (  # noqa: E402
     encode_sample_request,
     message_bytes,
 )
-from fedpsg.federated_gan.split import party_classes  # noqa: E402
-from fedpsg.io.files import save_atomically, write_csv, write_json, write_text_atomically  # noqa: E402
-from fedpsg.io.progress import Progress  # noqa: E402
-from fedpsg.methods.gswgan import sample_generator, update_average  # noqa: E402
-from fedpsg.nn.evaluation import evaluate_training_set  # noqa: E402
-from fedpsg.runs.folder import PartyError, PartyUnavailable, run_log, stored_run  # noqa: E402
+from fedpsg.federated_gan.split import party_classes
+from fedpsg.io.files import save_atomically, write_csv, write_json, write_text_atomically
+from fedpsg.io.progress import Progress
+from fedpsg.nn.evaluation import evaluate_training_set
+from fedpsg.nn.gan import adam, new_critic, new_generator, sample_generator, update_average  # noqa: E402
+from fedpsg.runs.folder import PartyError, PartyUnavailable, RunFolder
+from fedpsg.runs.results import XAxis, markdown_report, plot_accuracy, write_summary
+from fedpsg.runs.retry import send_with_retries
 
 log = logging.getLogger("fedpsg.federated_gan")
 
@@ -187,27 +184,20 @@ class FedGANRun:
         self.spec = dataset_spec(settings.scenario.dataset)
         self.test = test if test is not None else load_images(self.spec.name, train=False, data_dir=settings.data_dir)
         self.out = settings.out
-        self._check_or_write_config()
-
-    def _check_or_write_config(self) -> None:
-        wanted = self.settings.identity()
-        stored_run(self.out, wanted)  # raises if the folder holds a run with other settings
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / "config.json", wanted)
+        self.folder = RunFolder(self.out, settings.identity())
+        self.folder.open()
 
     def _checkpoint_path(self, method: str) -> Path:
         return self.out / "checkpoints" / f"{method}.pt"
 
     def run(self, parties: FedGANParties) -> pd.DataFrame:
         """Every method's rounds; returns the evaluation rows. Writes DONE when complete."""
-        (self.out / "DONE").unlink(missing_ok=True)
-        with run_log(self.out / "run.log"):
+        with self.folder.running():
             parties.discover(list(range(self.settings.num_partitions)), self.settings.round_timeout)
             for method in self.settings.methods:
                 self.run_method(parties, method)
             frame = self.write_outputs()
             print(frame.to_string(index=False), flush=True)
-            (self.out / "DONE").write_text("completed\n")
             return frame
 
     def run_method(self, parties: FedGANParties, method: str) -> None:
@@ -242,7 +232,11 @@ class FedGANRun:
         settings = self.settings
         asked = round_parties(round_index, settings.parties_per_round, settings.num_partitions)
         base = {p: self._request(round_index, p) for p in asked}
-        for attempt in range(settings.round_retries + 1):
+        what = f"{method} round {round_index + 1}"
+
+        def exchange() -> tuple[dict[int, RecordDict], dict[int, RecordDict]]:
+            """The round's requests (fresh samples on each try) and the replies; the round goes on
+            without the parties that fail, and is re-sent only if none answers."""
             contents = trainer.requests(base)
             results = parties.exchange(
                 contents, MESSAGE_TYPES[method], f"{method}-round-{round_index}", settings.round_timeout
@@ -250,12 +244,14 @@ class FedGANRun:
             replies = {p: r for p, r in results.items() if isinstance(r, RecordDict)}
             for partition, error in results.items():
                 if not isinstance(error, RecordDict):
-                    log.warning("%s round %d: partition %d left out: %s", method, round_index + 1, partition, error)
-            if replies:
-                break
-            if attempt == settings.round_retries:
-                raise PartyUnavailable(f"{method} round {round_index + 1}: no party answered after {attempt + 1} tries")
-            parties.discover(asked, settings.round_timeout)
+                    log.warning("%s: partition %d left out: %s", what, partition, error)
+            if not replies:
+                raise PartyUnavailable(f"{what}: no party answered")
+            return contents, replies
+
+        contents, replies = send_with_retries(
+            exchange, lambda: parties.discover(asked, settings.round_timeout), settings.round_retries, what
+        )
         state.privacy.update({str(p): record for p, record in trainer.apply(replies).items()})
         down = sum(message_bytes(contents[p]) for p in asked)
         up = sum(message_bytes(c) for c in replies.values())
@@ -331,8 +327,7 @@ class FedGANRun:
         privacy = {m: s.privacy for m, s in states.items()}
         write_json(self.out / "privacy.json", privacy)
         final = evaluations.groupby("method").last() if len(evaluations) else pd.DataFrame()
-        summary = {
-            "settings": self.settings.identity(),
+        extra = {
             "final": {
                 m: {k: getattr(v, "item", lambda v=v: v)() for k, v in row.items()} for m, row in final.iterrows()
             },
@@ -344,45 +339,12 @@ class FedGANRun:
             else {},
             "wall_seconds": {m: round(s.seconds, 1) for m, s in states.items()},
         }
-        write_json(self.out / "summary.json", summary)
+        write_summary(evaluations, self.out, "round", self.settings.identity(), extra)
         title = f"{self.settings.scenario.name}: {self.settings.num_partitions} parties, {self.settings.scenario.split}"
-        write_text_atomically(self.out / "report.md", f"# {title}\n\n{markdown_table(evaluations)}")
+        write_text_atomically(self.out / "report.md", markdown_report(title, evaluations))
         if len(evaluations):
-            plot_rounds(evaluations, self.out / "accuracy.png", title)
-        return evaluations
-
-
-def plot_rounds(evaluations: pd.DataFrame, path: Path, title: str) -> None:
-    """Accuracy against rounds and against bytes sent per party, one line per method."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for method, group in evaluations.groupby("method", sort=False):
-        for ax, x in zip(axes, (group["round"], group["bytes_total"])):
-            ax.errorbar(
-                x,
-                100 * group["accuracy"],
-                yerr=100 * group["accuracy_std"],
-                marker="o",
-                capsize=3,
-                label=LABELS[method],
+            axes = [XAxis("round", "round"), XAxis("bytes_total", "bytes exchanged so far, all parties", log=True)]
+            plot_accuracy(
+                evaluations, self.out / "accuracy.png", title, axes, "accuracy on real test images (%)", LABELS
             )
-    axes[0].set_xlabel("round")
-    axes[1].set_xlabel("bytes exchanged so far, all parties")
-    axes[1].set_xscale("log")
-    for ax in axes:
-        ax.set_ylabel("accuracy on real test images (%)")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-
-
-def markdown_table(frame: pd.DataFrame) -> str:
-    if frame.empty:
-        return "(no evaluations yet)\n"
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |")
-    return "\n".join(lines) + "\n"
+        return evaluations

@@ -43,18 +43,20 @@ from fedpsg.budget.ledger import Ledger, exclusive_lock
 from fedpsg.budget.policy import PartyPolicy, Refused
 from fedpsg.data.datasets import dataset_spec, load_images
 from fedpsg.dp.accounting import PrivacyRecord, epsilon_spent, private_record, validate_budget
-from fedpsg.dp.secret import SecretRandomness, public_seed
+from fedpsg.dp.secret import SecretRandomness
 from fedpsg.federated_gan.config import FedGANConfig, participations_per_party
 from fedpsg.federated_gan.protocol import GradientReply, ModelReply, RoundRequest
 from fedpsg.federated_gan.split import party_indices
 from fedpsg.io.files import save_atomically
-from fedpsg.methods.gswgan import (
+from fedpsg.methods.gswgan import sanitise, step_sensitivity
+from fedpsg.nn.gan import (
     ConditionalCritic,
     ConditionalGenerator,
+    adam,
     critic_step,
     generator_loss_gradients,
-    sanitise,
-    step_sensitivity,
+    new_critic,
+    new_generator,
 )
 
 MECHANISM = "gaussian (user-level: any change of the party's dataset; sensitivity 2*C*sqrt(B))"
@@ -120,20 +122,6 @@ def _party_share(
         raise ValueError("the federated GAN's networks take single-channel images")
     share = party_indices(labels, num_parties, split, split_seed)[partition]
     return PartyData(pixels[share], labels[share])
-
-
-def new_critic(config: FedGANConfig, num_classes: int, seed: int) -> ConditionalCritic:
-    with public_seed(seed):
-        return ConditionalCritic(num_classes, config.critic_width)
-
-
-def new_generator(config: FedGANConfig, num_classes: int, seed: int) -> ConditionalGenerator:
-    with public_seed(seed):
-        return ConditionalGenerator(config.latent_dim, num_classes, config.generator_width)
-
-
-def adam(net: torch.nn.Module, lr: float, config: FedGANConfig) -> torch.optim.Adam:
-    return torch.optim.Adam(net.parameters(), lr=lr, betas=(config.adam_beta1, config.adam_beta2))
 
 
 def local_gan_iterations(

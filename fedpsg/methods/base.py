@@ -16,10 +16,16 @@ Adding one (see ``fedpsg/methods/psg.py`` for a full example)::
         evaluation = {"paper": EvalConfig(...), "cpu": EvalConfig(...), "tiny": EvalConfig(...)}
 
         def plan(self, stage: PartyStage, config: MyConfig) -> PrivacyRecord:
-            ...                                      # what run() will spend, from public sizes only
+            ...                                      # what a release will spend, from public sizes only
 
-        def run(self, stage: PartyStage, config: MyConfig, secret: SecretRandomness | None = None) -> Release:
-            ...
+        def steps(self, stage: PartyStage, config: MyConfig) -> int:
+            ...                                      # progress units of one release
+
+        def release(self, stage: PartyStage, config: MyConfig, secret: SecretRandomness, progress: Progress) -> Release:
+            ...                                      # DP randomness from ``secret`` only
+
+Callers use ``run()``, which the base class owns: a fresh secret unless one is given, progress
+lines, and the checks that the release is of the declared kind and spends what ``plan`` said.
 
 A built-in method's module is imported by ``fedpsg/methods/__init__.py``; a plug-in's module by
 ``FEDPSG_PLUGINS``.
@@ -31,11 +37,12 @@ separated module names), which also reaches Ray actors and SuperNodes through th
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, final
 
 import torch
 from torch import nn
@@ -60,8 +67,8 @@ class PartyStage:
     spec: DatasetSpec
     epsilon: float
     delta: float
-    seed: int  # public: initialisations and post-processing, never the DP randomness
-    model: nn.Module  # the coordinator's current model (a method may finetune it)
+    seed: int = 0  # public: initialisations and post-processing, never the DP randomness
+    model: nn.Module | None = None  # the coordinator's current model (a method that releases a model finetunes it)
     device: str = "cpu"
     label: str = ""  # prefix of progress lines, e.g. "[party 1] psg stage 2"
     progress_interval: float = 10.0
@@ -92,15 +99,49 @@ class Method(ABC):
 
     @abstractmethod
     def plan(self, stage: PartyStage, config: Any) -> PrivacyRecord:
-        """What ``run`` will spend (its mechanism's noise, sample rate and steps), without running it.
+        """What a release will spend (its mechanism's noise, sample rate and steps), without running it.
 
-        The party writes this to its lifetime ledger before ``run`` touches the data, and checks that
-        the release's record matches it. Only public facts may be used: sizes, the config, the budget.
+        The party writes this to its lifetime ledger before ``run`` touches the data, and ``run``
+        checks that the release's record matches it. Only public facts may be used: sizes, the
+        config, the budget.
         """
 
     @abstractmethod
+    def steps(self, stage: PartyStage, config: Any) -> int:
+        """How many progress steps one release takes (the ``progress`` given to ``release``)."""
+
+    @abstractmethod
+    def release(self, stage: PartyStage, config: Any, secret: SecretRandomness, progress: Progress) -> Release:
+        """The method itself: compute the release from ``stage``, drawing all DP randomness from ``secret``."""
+
+    @final
     def run(self, stage: PartyStage, config: Any, secret: SecretRandomness | None = None) -> Release:
-        """Run on the party's data; draw DP randomness from ``secret`` (default: fresh OS entropy)."""
+        """Run on the party's data; DP randomness from ``secret`` (default: fresh OS entropy).
+
+        A release that is not of the declared kind, or whose mechanism differs from ``plan``,
+        raises: it must not leave the party.
+        """
+        planned = self.plan(stage, config)
+        secret = secret if secret is not None else SecretRandomness.fresh(stage.device)
+        release = self.release(stage, config, secret, stage.progress(self.steps(stage, config)))
+        if self.releases == "synthetic" and (release.images is None or release.labels is None):
+            raise RuntimeError(f"{self.name} declares a synthetic release but returned no images")
+        if self.releases == "model" and release.model_state is None:
+            raise RuntimeError(f"{self.name} declares a model release but returned no model")
+        check_as_planned(self.name, planned, release.privacy)
+        return release
+
+
+def check_as_planned(method: str, planned: PrivacyRecord, spent: PrivacyRecord) -> None:
+    """A release whose mechanism differs from what the party's ledger holds must not leave the party."""
+    same = (
+        math.isclose(planned.noise_multiplier, spent.noise_multiplier, rel_tol=1e-9)
+        and math.isclose(planned.sample_rate, spent.sample_rate, rel_tol=1e-12)
+        and planned.steps == spent.steps
+        and planned.adjacency == spent.adjacency
+    )
+    if not same:
+        raise RuntimeError(f"{method} spent {spent} but planned {planned}: the release is withheld")
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -46,15 +46,13 @@ normalised in the same way), so the reference isolates the cost of the noise.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fedpsg.data.augment import AugmentationSampler, SiameseAugmentation
 from fedpsg.data.datasets import DatasetSpec, ImageSet
-from fedpsg.data.synthetic import SyntheticSet
 from fedpsg.dp.accounting import ACCOUNTANTS, PrivacyRecord, private_record
 from fedpsg.dp.gradients import check_examples_independent
 from fedpsg.dp.mechanisms import gaussian_mechanism, poisson_sample
@@ -70,9 +68,7 @@ __all__ = [
     "DPDM_PRESETS",
     "clip_embeddings",
     "embed",
-    "generate_dpdm_set",
     "poisson_sample",
-    "privacy_of",
 ]
 
 
@@ -160,26 +156,6 @@ def _class_sizes(data: ImageSet, classes: list[int]) -> list[int]:
     return [int((data.labels == c).sum()) for c in classes]
 
 
-def privacy_of(config: DPDMConfig, class_sizes: list[int], epsilon: float, delta: float) -> PrivacyRecord:
-    """What a dpdm run over classes of these sizes will spend (without running it).
-
-    ``iterations`` subsampled Gaussian steps at the rate ``min(1, B / min_c N_c)`` shared by all
-    classes (parallel composition over the disjoint classes).
-    """
-    if not class_sizes or min(class_sizes) < 1:
-        raise ValueError(f"every class needs at least one private example, got sizes {list(class_sizes)}")
-    sample_rate = min(1.0, config.batch_size / min(class_sizes))
-    return private_record(
-        epsilon,
-        delta,
-        sample_rate,
-        config.iterations,
-        config.accountant,
-        max_grad_norm=config.max_norm,
-        dataset_size=sum(class_sizes),
-    )
-
-
 def _embedding_dim(net: nn.Module, spec: DatasetSpec) -> int:
     with torch.no_grad():
         return embed(net, torch.zeros(1, spec.channels, *spec.image_size)).shape[1]
@@ -202,98 +178,6 @@ def _fresh_network(config: DPDMConfig, spec: DatasetSpec, seed: int, iteration: 
 # --------------------------------------------------------------------------------------------
 
 
-def generate_dpdm_set(
-    data: ImageSet,
-    classes: list[int],
-    spec: DatasetSpec,
-    *,
-    epsilon: float,
-    delta: float,
-    config: DPDMConfig,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    secret: SecretRandomness | None = None,
-    progress: Progress | None = None,
-    callback: Callable[[int, float], None] | None = None,
-) -> SyntheticSet:
-    """Run DP distribution matching on a party's private ``data`` (only ``classes``).
-
-    ``seed`` is public (networks, augmentation, synthetic initialisation). ``secret`` draws the
-    Poisson batches and the noise; leave it ``None`` (fresh OS entropy) for any release that
-    leaves the party. ``epsilon = inf`` is the non-private reference (no noise).
-    ``callback(iteration, loss)`` is called after every iteration (e.g. for timing).
-    """
-    classes = list(classes)
-    if not classes or len(set(classes)) != len(classes):
-        raise ValueError(f"classes must be non-empty and distinct, got {classes}")
-    sizes = _class_sizes(data, classes)
-    record = privacy_of(config, sizes, epsilon, delta)
-    q = record.sample_rate
-    private = not math.isinf(epsilon)
-    std = record.noise_multiplier * config.max_norm
-
-    secret = secret or SecretRandomness.fresh(device)
-    per_class = [data.images[data.labels == c].to(device) for c in classes]
-    expected = [q * n for n in sizes]  # divisor of the noisy sum: fixed, so sensitivity is C / (q N_c)
-    augmentations = AugmentationSampler(spec, seed) if config.augment else None
-    first = _fresh_network(config, spec, seed, 0)
-    check_examples_independent(first)
-    dim = _embedding_dim(first, spec)
-
-    with public_seed(seed):
-        syn_images = torch.randn(len(classes) * config.spc, spec.channels, *spec.image_size).to(device)
-    syn_images.requires_grad_(True)
-    syn_labels = torch.tensor(classes, device=device).repeat_interleave(config.spc)
-    optimizer = torch.optim.SGD([syn_images], lr=config.lr_images, momentum=config.momentum)
-
-    for iteration in range(config.iterations):
-        net = _fresh_network(config, spec, seed, iteration).to(device, memory_format=torch.channels_last)
-        augment = augmentations() if augmentations else None
-
-        # Private side: forward passes only, no gradients. One Gaussian release per class and
-        # iteration, whether its Poisson batch is empty or not.
-        batches = [images[poisson_sample(len(images), q, secret.sampling).to(device)] for images in per_class]
-        with torch.no_grad():
-            real = torch.cat(batches)
-            chunks = [_features(net, augment, chunk, config.max_norm) for chunk in real.split(_CHUNK)]
-            embeddings = torch.cat(chunks) if chunks else real.new_zeros(0, dim)
-            sums = [part.sum(dim=0) for part in embeddings.split([len(b) for b in batches])]
-            if private:
-                targets = [
-                    gaussian_mechanism([total], std, secret.noise)[0] / expected[k] for k, total in enumerate(sums)
-                ]
-            else:
-                targets = [total / len(b) if len(b) else None for total, b in zip(sums, batches)]
-
-        # Synthetic side: post-processing of the released means, one class at a time (a class's
-        # images enter only its own term, so the per-class backward passes sum to the gradient).
-        optimizer.zero_grad(set_to_none=True)
-        loss = 0.0
-        for k, target in enumerate(targets):
-            if target is None:
-                continue
-            own = syn_images[k * config.spc : (k + 1) * config.spc]
-            term = (target - _features(net, augment, own, config.max_norm).mean(dim=0)).square().sum()
-            term.backward()
-            loss += float(term.detach())
-        if syn_images.grad is None:  # non-private and every batch empty
-            continue
-        optimizer.step()
-        if callback is not None:
-            callback(iteration, loss)
-        if progress is not None:
-            progress.step()
-
-    return SyntheticSet(
-        images=syn_images.detach().cpu(),
-        labels=syn_labels.cpu(),
-        dataset=spec.name,
-        classes=classes,
-        privacy=record,
-        config={"method": "dpdm", **asdict(config)},
-    )
-
-
 @register_method
 class DPDM(Method):
     """DP distribution matching (NDPDC) as a party method: a small DP synthetic set per stage."""
@@ -306,19 +190,85 @@ class DPDM(Method):
     evaluation = SMALL_SET_EVALUATION
 
     def plan(self, stage: PartyStage, config: DPDMConfig) -> PrivacyRecord:
-        return privacy_of(config, _class_sizes(stage.data, stage.classes), stage.epsilon, stage.delta)
-
-    def run(self, stage: PartyStage, config: DPDMConfig, secret: SecretRandomness | None = None) -> Release:
-        synthetic = generate_dpdm_set(
-            stage.data,
-            stage.classes,
-            stage.spec,
-            epsilon=stage.epsilon,
-            delta=stage.delta,
-            config=config,
-            device=stage.device,
-            seed=stage.seed,
-            secret=secret,
-            progress=stage.progress(config.iterations),
+        """``iterations`` subsampled Gaussian steps at the rate ``min(1, B / min_c N_c)`` shared by all
+        classes (parallel composition over the disjoint classes)."""
+        classes = stage.classes
+        if not classes or len(set(classes)) != len(classes):
+            raise ValueError(f"classes must be non-empty and distinct, got {classes}")
+        sizes = _class_sizes(stage.data, classes)
+        if min(sizes) < 1:
+            raise ValueError(f"every class needs at least one private example, got sizes {sizes}")
+        return private_record(
+            stage.epsilon,
+            stage.delta,
+            min(1.0, config.batch_size / min(sizes)),
+            config.iterations,
+            config.accountant,
+            max_grad_norm=config.max_norm,
+            dataset_size=sum(sizes),
         )
-        return Release(synthetic.privacy, images=synthetic.images, labels=synthetic.labels)
+
+    def steps(self, stage: PartyStage, config: DPDMConfig) -> int:
+        return config.iterations
+
+    def release(self, stage: PartyStage, config: DPDMConfig, secret: SecretRandomness, progress: Progress) -> Release:
+        """Run DP distribution matching on the party's ``stage.data`` (only ``stage.classes``).
+
+        ``stage.seed`` is public (networks, augmentation, synthetic initialisation); ``secret``
+        draws the Poisson batches and the noise. ``epsilon = inf`` is the non-private reference
+        (no noise). ``progress`` steps once per iteration.
+        """
+        data, classes, spec, device, seed = stage.data, stage.classes, stage.spec, stage.device, stage.seed
+        record = self.plan(stage, config)  # checks the classes
+        sizes = _class_sizes(data, classes)
+        q = record.sample_rate
+        private = not math.isinf(stage.epsilon)
+        std = record.noise_multiplier * config.max_norm
+
+        per_class = [data.images[data.labels == c].to(device) for c in classes]
+        expected = [q * n for n in sizes]  # divisor of the noisy sum: fixed, so sensitivity is C / (q N_c)
+        augmentations = AugmentationSampler(spec, seed) if config.augment else None
+        first = _fresh_network(config, spec, seed, 0)
+        check_examples_independent(first)
+        dim = _embedding_dim(first, spec)
+
+        with public_seed(seed):
+            syn_images = torch.randn(len(classes) * config.spc, spec.channels, *spec.image_size).to(device)
+        syn_images.requires_grad_(True)
+        syn_labels = torch.tensor(classes, device=device).repeat_interleave(config.spc)
+        optimizer = torch.optim.SGD([syn_images], lr=config.lr_images, momentum=config.momentum)
+
+        for iteration in range(config.iterations):
+            net = _fresh_network(config, spec, seed, iteration).to(device, memory_format=torch.channels_last)
+            augment = augmentations() if augmentations else None
+
+            # Private side: forward passes only, no gradients. One Gaussian release per class and
+            # iteration, whether its Poisson batch is empty or not.
+            batches = [images[poisson_sample(len(images), q, secret.sampling).to(device)] for images in per_class]
+            with torch.no_grad():
+                real = torch.cat(batches)
+                chunks = [_features(net, augment, chunk, config.max_norm) for chunk in real.split(_CHUNK)]
+                embeddings = torch.cat(chunks) if chunks else real.new_zeros(0, dim)
+                sums = [part.sum(dim=0) for part in embeddings.split([len(b) for b in batches])]
+                if private:
+                    targets = [
+                        gaussian_mechanism([total], std, secret.noise)[0] / expected[k] for k, total in enumerate(sums)
+                    ]
+                else:
+                    targets = [total / len(b) if len(b) else None for total, b in zip(sums, batches)]
+
+            # Synthetic side: post-processing of the released means, one class at a time (a class's
+            # images enter only its own term, so the per-class backward passes sum to the gradient).
+            optimizer.zero_grad(set_to_none=True)
+            for k, target in enumerate(targets):
+                if target is None:
+                    continue
+                own = syn_images[k * config.spc : (k + 1) * config.spc]
+                term = (target - _features(net, augment, own, config.max_norm).mean(dim=0)).square().sum()
+                term.backward()
+            if syn_images.grad is None:  # non-private and every batch empty
+                continue
+            optimizer.step()
+            progress.step()
+
+        return Release(record, images=syn_images.detach().cpu(), labels=syn_labels.cpu())

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedpsg.data.datasets import ImageSet, dataset_spec, partition_class_indices
+from fedpsg.data.datasets import dataset_spec, partition_class_indices
 from fedpsg.dp.accounting import PrivacyRecord, private_record, validate_budget
 from fedpsg.dp.mechanisms import gaussian_mechanism
 from fedpsg.dp.secret import SecretRandomness, public_seed, secret_generator
@@ -35,7 +35,6 @@ __all__ = [
     "ConditionalGenerator",
     "DPMerfConfig",
     "draw_frequencies",
-    "dpmerf_generate",
     "embedding_sensitivity",
     "mean_embedding",
     "random_fourier_features",
@@ -314,66 +313,6 @@ def sample_generator(
 # ---------------------------------------------------------------------------------------------
 
 
-def dpmerf_generate(
-    data: ImageSet,
-    classes: list[int],
-    *,
-    dataset: str,
-    epsilon: float,
-    delta: float,
-    config: DPMerfConfig,
-    device: str = "cpu",
-    seed: int = 0,
-    secret: SecretRandomness | None = None,
-    progress: Progress | None = None,
-) -> tuple[ImageSet, PrivacyRecord]:
-    """Release one DP mean embedding of ``data`` and generate ``samples_per_class`` images per class.
-
-    ``data`` is a party's partition (normalised images, labels in ``classes``). The returned
-    images are normalised like the real data, with the original class ids as labels; the
-    record is the single Gaussian release under ``config.adjacency`` (see
-    :func:`embedding_sensitivity`). ``seed`` is public (frequencies, generator training and
-    sampling: post-processing); the release's noise comes from ``secret`` (default: fresh OS
-    entropy).
-    """
-    validate_budget(epsilon, delta)
-    spec = dataset_spec(dataset)
-    class_ids, indices = partition_class_indices(data, classes)
-    if len(data) == 0:
-        raise ValueError("DP-Merf needs at least one example")
-    channels, (height, width) = data.images.shape[1], data.images.shape[2:]
-    if channels != 1:
-        raise ValueError("DP-Merf's generator produces single-channel images")
-
-    cpu_rng = torch.Generator().manual_seed(seed)
-    frequencies = draw_frequencies(
-        config.num_features, channels * height * width, config.resolved_kernel_width(dataset), cpu_rng
-    ).to(device)
-
-    # The only access to the real data: features in [0, 1] pixel space, where the kernel width is defined.
-    pixels = spec.to_pixels(data.images.to(device)).flatten(1)
-    emb = mean_embedding(pixels, indices.to(device), frequencies, len(class_ids))
-    del pixels, indices
-    secret = secret or SecretRandomness.fresh(device)
-    noisy_emb, record = release_embedding(
-        emb,
-        len(data),
-        epsilon=epsilon,
-        delta=delta,
-        generator=secret.noise,
-        accountant=config.accountant,
-        adjacency=config.adjacency,
-    )
-    del emb
-
-    gen = train_generator(
-        noisy_emb, frequencies, config=config, image_size=(height, width), device=device, seed=seed, progress=progress
-    )
-    flat, index_labels = sample_generator(gen, config.samples_per_class, device=device, seed=seed + 2)
-    images = spec.normalise(flat.view(-1, channels, height, width))
-    return ImageSet(images.float(), class_ids[index_labels].long()), record
-
-
 @register_method
 class DPMerf(Method):
     name = "dpmerf"
@@ -395,17 +334,54 @@ class DPMerf(Method):
     def plan(self, stage: PartyStage, config: DPMerfConfig) -> PrivacyRecord:
         return embedding_privacy(len(stage.data), stage.epsilon, stage.delta, config.accountant, config.adjacency)
 
-    def run(self, stage: PartyStage, config: DPMerfConfig, secret: SecretRandomness | None = None) -> Release:
-        generated, record = dpmerf_generate(
-            stage.data,
-            stage.classes,
-            dataset=stage.spec.name,
+    def steps(self, stage: PartyStage, config: DPMerfConfig) -> int:
+        return config.generator_steps
+
+    def release(self, stage: PartyStage, config: DPMerfConfig, secret: SecretRandomness, progress: Progress) -> Release:
+        """Release one DP mean embedding of the party's data; generate ``samples_per_class`` images per class.
+
+        The images are normalised like the real data, with the original class ids as labels; the
+        record is the single Gaussian release under ``config.adjacency`` (see
+        :func:`embedding_sensitivity`). ``stage.seed`` is public (frequencies, generator training
+        and sampling: post-processing); the release's noise comes from ``secret``.
+        """
+        data, spec, device, seed = stage.data, stage.spec, stage.device, stage.seed
+        class_ids, indices = partition_class_indices(data, stage.classes)
+        if len(data) == 0:
+            raise ValueError("DP-Merf needs at least one example")
+        channels, (height, width) = data.images.shape[1], data.images.shape[2:]
+        if channels != 1:
+            raise ValueError("DP-Merf's generator produces single-channel images")
+
+        cpu_rng = torch.Generator().manual_seed(seed)
+        frequencies = draw_frequencies(
+            config.num_features, channels * height * width, config.resolved_kernel_width(spec.name), cpu_rng
+        ).to(device)
+
+        # The only access to the real data: features in [0, 1] pixel space, where the kernel width is defined.
+        pixels = spec.to_pixels(data.images.to(device)).flatten(1)
+        emb = mean_embedding(pixels, indices.to(device), frequencies, len(class_ids))
+        del pixels, indices
+        noisy_emb, record = release_embedding(
+            emb,
+            len(data),
             epsilon=stage.epsilon,
             delta=stage.delta,
-            config=config,
-            device=stage.device,
-            seed=stage.seed,
-            secret=secret,
-            progress=stage.progress(config.generator_steps),
+            generator=secret.noise,
+            accountant=config.accountant,
+            adjacency=config.adjacency,
         )
-        return Release(record, images=generated.images, labels=generated.labels)
+        del emb
+
+        gen = train_generator(
+            noisy_emb,
+            frequencies,
+            config=config,
+            image_size=(height, width),
+            device=device,
+            seed=seed,
+            progress=progress,
+        )
+        flat, index_labels = sample_generator(gen, config.samples_per_class, device=device, seed=seed + 2)
+        images = spec.normalise(flat.view(-1, channels, height, width))
+        return Release(record, images=images.float(), labels=class_ids[index_labels].long())

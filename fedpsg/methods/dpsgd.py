@@ -9,6 +9,7 @@ cost exactly the party's epsilon. Hyper-parameters default to the authors' DP-SG
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -20,14 +21,13 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedpsg.data.datasets import ImageSet
 from fedpsg.dp.accounting import PrivacyRecord, private_record, validate_budget
 from fedpsg.dp.secret import SecretRandomness
-from fedpsg.io.progress import Progress, silent
+from fedpsg.io.progress import Progress
 from fedpsg.methods.base import Method, PartyStage, Release, register_method
 from fedpsg.nn.evaluation import SMALL_SET_EVALUATION
 
-__all__ = ["DPSGD", "DPSGDConfig", "DPSGDSchedule", "dpsgd_finetune", "dpsgd_schedule", "privacy_of"]
+__all__ = ["DPSGD", "DPSGDConfig", "DPSGDSchedule", "dpsgd_schedule"]
 
 
 @dataclass(frozen=True)
@@ -73,109 +73,6 @@ def dpsgd_schedule(num_examples: int, config: DPSGDConfig) -> DPSGDSchedule:
     return DPSGDSchedule(sample_rate, steps_per_epoch, config.epochs * steps_per_epoch)
 
 
-def privacy_of(config: DPSGDConfig, n: int, epsilon: float, delta: float) -> PrivacyRecord:
-    """What finetuning on ``n`` private examples will spend (without running it); ``epsilon = inf``: non-private."""
-    validate_budget(epsilon, delta)
-    schedule = dpsgd_schedule(n, config)
-    private = not math.isinf(epsilon)
-    return private_record(
-        epsilon,
-        delta,
-        schedule.sample_rate,
-        schedule.steps,
-        config.accountant,
-        max_grad_norm=config.max_grad_norm if private else None,
-        dataset_size=n,
-    )
-
-
-def dpsgd_finetune(
-    model: nn.Module,
-    data: ImageSet,
-    *,
-    epsilon: float,
-    delta: float,
-    config: DPSGDConfig,
-    device: str = "cpu",
-    secret: SecretRandomness | None = None,
-    progress: Progress | None = None,
-) -> PrivacyRecord:
-    """Finetune ``model`` in place on ``data`` (real labels) with ``(epsilon, delta)``-DP-SGD.
-
-    Which examples each batch holds and Opacus's noise come from ``secret`` (default: fresh OS
-    entropy); there is no public randomness, the model to finetune is given.
-
-    The model is moved to ``device`` and left there, holding the trained weights as a plain
-    ``nn.Module`` (no Opacus wrapper, hooks or ``grad_sample`` attributes). ``epsilon = inf``
-    runs non-private SGD with the same Poisson schedule (no clipping, no noise).
-
-    Adjacency is add/remove-one of an example of ``data`` (Poisson-subsampled Gaussian, as
-    in Opacus). The returned record holds what the accountant charges for the steps taken.
-    """
-    record = privacy_of(config, len(data), epsilon, delta)  # before any training
-    schedule = dpsgd_schedule(len(data), config)
-    private = not math.isinf(epsilon)
-
-    model.to(device)
-    was_training = model.training
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
-    # The party's secret generators drive Opacus's Poisson sampler (it takes the loader's
-    # generator) and its noise; nothing here depends on the global RNG state.
-    secret = secret or SecretRandomness.fresh(device)
-    loader = DataLoader(
-        TensorDataset(data.images, data.labels), batch_size=config.batch_size, generator=secret.sampling
-    )
-
-    if private:
-        with warnings.catch_warnings():
-            # Opacus's secure_mode needs torchcsprng, which has no wheels for current torch; the
-            # generators are seeded from OS entropy instead, and the noise is drawn as
-            # secure_mode draws it (below).
-            warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
-            engine = PrivacyEngine(accountant=config.accountant)
-        dp_model, optimizer, loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=record.noise_multiplier,
-            max_grad_norm=config.max_grad_norm,
-            poisson_sampling=True,
-            noise_generator=secret.noise,
-        )
-        # secure_mode's noise (sum of four draws, halved) defeats floating-point attacks; the
-        # optimizer reads this flag at every step (as fedpsg.dp.mechanisms.gaussian_mechanism does).
-        optimizer.secure_mode = True
-        # sigma was calibrated for a planned schedule: it must be exactly what Opacus will run.
-        if loader.sample_rate != schedule.sample_rate or len(loader) != schedule.steps_per_epoch:
-            raise RuntimeError(
-                f"Opacus's loader ({loader.sample_rate}, {len(loader)}) differs from the plan {schedule}"
-            )
-    else:
-        # Same Poisson batches as the private run, but plain SGD on them.
-        dp_model = model
-        loader = DPDataLoader.from_data_loader(loader)
-
-    try:
-        with warnings.catch_warnings():
-            # Opacus's full backward hooks fire on the first layer although the images need no
-            # gradient; torch warns about it, but the per-example gradients are right.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-            progress = progress or silent("dp-sgd", schedule.steps)
-            _train(dp_model, optimizer, loader, config.epochs, device, private, progress)
-    finally:
-        if private:
-            dp_model.to_standard_module()  # removes the hooks and per-example gradients from `model`
-        for p in params:
-            p.grad = None
-            if hasattr(p, "summed_grad"):  # set on the parameters by Opacus's DPOptimizer
-                del p.summed_grad
-        model.train(was_training)
-
-    return record
-
-
 def _train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -210,19 +107,95 @@ class DPSGD(Method):
     evaluation = SMALL_SET_EVALUATION  # the classifier's shape; the coordinator tests it as it is
 
     def plan(self, stage: PartyStage, config: DPSGDConfig) -> PrivacyRecord:
-        return privacy_of(config, len(stage.data), stage.epsilon, stage.delta)
-
-    def run(self, stage: PartyStage, config: DPSGDConfig, secret: SecretRandomness | None = None) -> Release:
-        model = stage.model
-        steps = dpsgd_schedule(len(stage.data), config).steps
-        record = dpsgd_finetune(
-            model,
-            stage.data,
-            epsilon=stage.epsilon,
-            delta=stage.delta,
-            config=config,
-            device=stage.device,
-            secret=secret,
-            progress=stage.progress(steps),
+        """Opacus's Poisson schedule over the party's examples; ``epsilon = inf``: non-private."""
+        validate_budget(stage.epsilon, stage.delta)
+        n = len(stage.data)
+        schedule = dpsgd_schedule(n, config)
+        private = not math.isinf(stage.epsilon)
+        return private_record(
+            stage.epsilon,
+            stage.delta,
+            schedule.sample_rate,
+            schedule.steps,
+            config.accountant,
+            max_grad_norm=config.max_grad_norm if private else None,
+            dataset_size=n,
         )
+
+    def steps(self, stage: PartyStage, config: DPSGDConfig) -> int:
+        return dpsgd_schedule(len(stage.data), config).steps
+
+    def release(self, stage: PartyStage, config: DPSGDConfig, secret: SecretRandomness, progress: Progress) -> Release:
+        """Finetune (a copy of) ``stage.model`` on the party's data (real labels) with DP-SGD; release it.
+
+        Which examples each batch holds and Opacus's noise come from ``secret``; there is no public
+        randomness, the model to finetune is given. The released state holds the trained weights
+        of a plain ``nn.Module`` (no Opacus wrapper, hooks or ``grad_sample`` attributes).
+        ``epsilon = inf`` runs non-private SGD with the same Poisson schedule (no clipping, no noise).
+
+        Adjacency is add/remove-one of an example of the data (Poisson-subsampled Gaussian, as
+        in Opacus). The record holds what the accountant charges for the steps taken.
+        """
+        if stage.model is None:
+            raise ValueError("DP-SGD finetunes the coordinator's model: the stage has none")
+        data, device = stage.data, stage.device
+        record = self.plan(stage, config)  # before any training
+        schedule = dpsgd_schedule(len(data), config)
+        private = not math.isinf(stage.epsilon)
+
+        model = copy.deepcopy(stage.model).to(device)  # the stage's model stays as the coordinator sent it
+        was_training = model.training
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+        # The party's secret generators drive Opacus's Poisson sampler (it takes the loader's
+        # generator) and its noise; nothing here depends on the global RNG state.
+        loader = DataLoader(
+            TensorDataset(data.images, data.labels), batch_size=config.batch_size, generator=secret.sampling
+        )
+
+        if private:
+            with warnings.catch_warnings():
+                # Opacus's secure_mode needs torchcsprng, which has no wheels for current torch; the
+                # generators are seeded from OS entropy instead, and the noise is drawn as
+                # secure_mode draws it (below).
+                warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+                engine = PrivacyEngine(accountant=config.accountant)
+            dp_model, optimizer, loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=record.noise_multiplier,
+                max_grad_norm=config.max_grad_norm,
+                poisson_sampling=True,
+                noise_generator=secret.noise,
+            )
+            # secure_mode's noise (sum of four draws, halved) defeats floating-point attacks; the
+            # optimizer reads this flag at every step (as fedpsg.dp.mechanisms.gaussian_mechanism does).
+            optimizer.secure_mode = True
+            # sigma was calibrated for a planned schedule: it must be exactly what Opacus will run.
+            if loader.sample_rate != schedule.sample_rate or len(loader) != schedule.steps_per_epoch:
+                raise RuntimeError(
+                    f"Opacus's loader ({loader.sample_rate}, {len(loader)}) differs from the plan {schedule}"
+                )
+        else:
+            # Same Poisson batches as the private run, but plain SGD on them.
+            dp_model = model
+            loader = DPDataLoader.from_data_loader(loader)
+
+        try:
+            with warnings.catch_warnings():
+                # Opacus's full backward hooks fire on the first layer although the images need no
+                # gradient; torch warns about it, but the per-example gradients are right.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                _train(dp_model, optimizer, loader, config.epochs, device, private, progress)
+        finally:
+            if private:
+                dp_model.to_standard_module()  # removes the hooks and per-example gradients from `model`
+            for p in params:
+                p.grad = None
+                if hasattr(p, "summed_grad"):  # set on the parameters by Opacus's DPOptimizer
+                    del p.summed_grad
+            model.train(was_training)
+
         return Release(record, model_state={k: v.detach().cpu() for k, v in model.state_dict().items()})

@@ -78,89 +78,62 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from fedpsg.data.datasets import DatasetSpec, ImageSet, partition_class_indices
-from fedpsg.dp.accounting import ACCOUNTANTS, PrivacyRecord, private_record, validate_budget
+from fedpsg.data.datasets import partition_class_indices
+from fedpsg.dp.accounting import PrivacyRecord, private_record
 from fedpsg.dp.mechanisms import gaussian_mechanism
-from fedpsg.dp.secret import SecretRandomness, public_seed
+from fedpsg.dp.secret import SecretRandomness
 from fedpsg.io.progress import Progress
 from fedpsg.methods.base import Method, PartyStage, Release, register_method
 from fedpsg.nn.evaluation import EvalConfig
+from fedpsg.nn.gan import (
+    ConditionalCritic,
+    ConditionalGenerator,
+    GANConfig,
+    adam,
+    critic_step,
+    generator_loss_gradients,
+    new_critic,
+    new_generator,
+    sample_generator,
+    update_average,
+)
 
 __all__ = [
     "GSWGAN",
     "GSWGANConfig",
     "GSWGAN_EVALUATION",
     "GSWGAN_PRESETS",
-    "ConditionalCritic",
-    "ConditionalGenerator",
     "MECHANISM",
     "assign_subsets",
     "clip_per_sample",
-    "critic_step",
-    "generator_loss_gradients",
-    "gradient_penalty",
-    "gswgan_generate",
-    "privacy_of",
-    "sample_generator",
     "sanitise",
     "step_sensitivity",
-    "update_average",
 ]
 
 MECHANISM = "subsampled-gaussian (1 of K critics per step, sensitivity 2*C*sqrt(B))"
 
 
 @dataclass(frozen=True)
-class GSWGANConfig:
+class GSWGANConfig(GANConfig):
     """Hyper-parameters of GS-WGAN (defaults: the paper's; see GSWGAN_PRESETS for the profiles)."""
 
     num_discriminators: int = 1000  # K: disjoint data subsets, one critic each; sample rate q = 1 / K
     generator_iterations: int = 20000  # T: private generator steps, one Gaussian release each
-    pretrain_iterations: int = 2000  # non-private warm-start GAN iterations per critic, on its own subset
-    critic_iterations: int = 5  # critic updates per (warm-start or private) generator iteration
-    batch_size: int = 32  # B: real images per critic update, generated samples per generator step
-    max_grad_norm: float = 1.0  # C: per-sample clip of the gradient w.r.t. each generated image
-    gp_weight: float = 10.0  # lambda of the WGAN-GP gradient penalty
-    drift_weight: float = 0.001  # penalty on the critic's squared real scores (the code's L_epsilon)
-    lr_generator: float = 1e-4
-    lr_discriminator: float = 1e-4
-    adam_beta1: float = 0.5
-    adam_beta2: float = 0.9
-    latent_dim: int = 10
-    generator_width: int = 64
-    critic_width: int = 64
-    ema_decay: float = 0.999  # sample from an exponential moving average of the generator (0: the last one)
     spc: int = 10  # images per class released (the scenario's set size) ...
     samples_per_class: int | None = None  # ... unless this is set: a generator's samples cost no privacy
-    accountant: str = "rdp"
 
     def __post_init__(self) -> None:
-        positive = [
-            "num_discriminators", "generator_iterations", "critic_iterations", "batch_size",
-            "latent_dim", "generator_width", "critic_width", "spc",
-        ]  # fmt: skip
-        bad = [name for name in positive if getattr(self, name) < 1]
+        super().__post_init__()
+        bad = [name for name in ("num_discriminators", "generator_iterations", "spc") if getattr(self, name) < 1]
         if bad:
             raise ValueError(f"must be >= 1: {', '.join(bad)}")
-        if self.pretrain_iterations < 0:
-            raise ValueError(f"pretrain_iterations must be >= 0, got {self.pretrain_iterations}")
         if self.samples_per_class is not None and self.samples_per_class < 1:
             raise ValueError(f"samples_per_class must be >= 1 (or null for spc), got {self.samples_per_class}")
-        if not (self.max_grad_norm > 0 and self.lr_generator > 0 and self.lr_discriminator > 0):
-            raise ValueError("max_grad_norm, lr_generator and lr_discriminator must be > 0")
-        if self.gp_weight < 0 or self.drift_weight < 0:
-            raise ValueError("gp_weight and drift_weight must be >= 0")
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and 0 <= self.ema_decay < 1):
-            raise ValueError("adam_beta1, adam_beta2 and ema_decay must be in [0, 1)")
-        if self.accountant not in ACCOUNTANTS:
-            raise ValueError(f"unknown accountant {self.accountant!r}; available: {', '.join(ACCOUNTANTS)}")
 
     @property
     def released_per_class(self) -> int:
@@ -215,131 +188,6 @@ GSWGAN_EVALUATION: dict[str, EvalConfig] = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Networks (images in [0, 1] pixel space, (B, 1, H, W))
-# ---------------------------------------------------------------------------------------------
-
-
-def _pixel_norm(h: torch.Tensor) -> torch.Tensor:
-    """Each position's feature vector scaled to unit mean square: per sample, unlike batch norm."""
-    return h * torch.rsqrt(h.square().mean(dim=1, keepdim=True) + 1e-8)
-
-
-class ConditionalGenerator(nn.Module):
-    """code ⊕ onehot -> linear -> (2w, H/4, W/4) -> two stride-2 transposed convs -> sigmoid.
-
-    Pixel norm after each hidden layer keeps activations in scale without mixing the batch, so
-    training and sampling behave the same.
-    """
-
-    def __init__(self, latent_dim: int, num_classes: int, width: int = 64, image_size: tuple[int, int] = (28, 28)):
-        super().__init__()
-        if image_size[0] % 4 or image_size[1] % 4:
-            raise ValueError(f"image size must be divisible by 4, got {image_size}")
-        self.latent_dim, self.num_classes, self.width = latent_dim, num_classes, width
-        self.start_size = (image_size[0] // 4, image_size[1] // 4)
-        self.fc = nn.Linear(latent_dim + num_classes, 2 * width * self.start_size[0] * self.start_size[1])
-        self.up1 = nn.ConvTranspose2d(2 * width, width, kernel_size=4, stride=2, padding=1)
-        self.up2 = nn.ConvTranspose2d(width, 1, kernel_size=4, stride=2, padding=1)
-
-    def forward(self, code: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Images in ``[0, 1]``, ``(B, 1, H, W)``, for codes ``(B, latent_dim)`` and class indices ``(B,)``."""
-        one_hot = F.one_hot(labels, self.num_classes).to(code.dtype)
-        h = F.relu(self.fc(torch.cat([code, one_hot], dim=1)))
-        h = _pixel_norm(h.view(len(code), 2 * self.width, *self.start_size))
-        h = _pixel_norm(F.relu(self.up1(h)))
-        return torch.sigmoid(self.up2(h))
-
-
-class ConditionalCritic(nn.Module):
-    """Three 5x5 stride-2 convs and a projection head: ``D(x, y) = w . h(x) + e_y . h(x)``.
-
-    No batch norm: the gradient penalty and the per-sample gradients need each sample's score
-    to depend on that sample only.
-    """
-
-    def __init__(self, num_classes: int, width: int = 64, image_size: tuple[int, int] = (28, 28)):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, width, kernel_size=5, stride=2, padding=2),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(width, 2 * width, kernel_size=5, stride=2, padding=2),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * width, 4 * width, kernel_size=5, stride=2, padding=2),
-            nn.LeakyReLU(0.2),
-            nn.Flatten(),
-        )
-        with torch.no_grad():
-            dim = self.features(torch.zeros(1, 1, *image_size)).shape[1]
-        self.linear = nn.Linear(dim, 1)
-        self.embed = nn.Embedding(num_classes, dim)
-        nn.init.normal_(self.embed.weight, std=0.01)  # the class term starts small next to w . h
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One score per image, ``(B,)``."""
-        h = self.features(images)
-        return self.linear(h).squeeze(1) + (self.embed(labels) * h).sum(dim=1)
-
-
-def gradient_penalty(
-    critic: ConditionalCritic,
-    real: torch.Tensor,
-    fake: torch.Tensor,
-    labels: torch.Tensor,
-    generator: torch.Generator,
-    alpha: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """WGAN-GP's ``mean (||grad_x D(x_hat, y)|| - 1)^2`` on random interpolates of real and fake.
-
-    ``alpha``: pre-drawn ``(len(real), 1, 1, 1)`` interpolation weights (default: drawn from ``generator``).
-    """
-    if alpha is None:
-        alpha = torch.rand(len(real), 1, 1, 1, generator=generator, device=real.device)
-    mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
-    (grad,) = torch.autograd.grad(critic(mixed, labels).sum(), mixed, create_graph=True)
-    return (grad.flatten(1).norm(dim=1) - 1).square().mean()
-
-
-def critic_step(
-    critic: ConditionalCritic,
-    optimizer: torch.optim.Optimizer,
-    real: torch.Tensor,
-    fake: torch.Tensor,
-    labels: torch.Tensor,
-    generator: torch.Generator,
-    *,
-    gp_weight: float,
-    drift_weight: float,
-    alpha: torch.Tensor | None = None,
-) -> None:
-    """One WGAN-GP update of ``critic`` (non-private: the critic never leaves its data's owner).
-
-    ``alpha``: pre-drawn gradient-penalty weights, as in :func:`gradient_penalty`.
-    """
-    real_score, fake_score = critic(real, labels), critic(fake, labels)
-    loss = (
-        fake_score.mean()
-        - real_score.mean()
-        + gp_weight * gradient_penalty(critic, real, fake, labels, generator, alpha)
-        + drift_weight * real_score.square().mean()
-    )
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-
-
-def generator_loss_gradients(critic: ConditionalCritic, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``d(-D(x_i, y_i)) / d x_i`` for each sample: the only thing GS-WGAN sanitises and releases."""
-    leaf = images.detach().requires_grad_(True)
-    critic.requires_grad_(False)
-    try:
-        # Scores are per sample (no batch norm), so the gradient of their sum w.r.t. x_i is sample i's own.
-        (grad,) = torch.autograd.grad(-critic(leaf, labels).sum(), leaf)
-    finally:
-        critic.requires_grad_(True)
-    return grad
-
-
-# ---------------------------------------------------------------------------------------------
 # Sanitisation and accounting
 # ---------------------------------------------------------------------------------------------
 
@@ -365,22 +213,6 @@ def sanitise(gradients: torch.Tensor, max_norm: float, noise_std: float, generat
     """One release: per-sample clipping to ``max_norm``, then Gaussian noise of std ``noise_std``."""
     (noisy,) = gaussian_mechanism([clip_per_sample(gradients, max_norm)], noise_std, generator)
     return noisy
-
-
-def privacy_of(config: GSWGANConfig, dataset_size: int, epsilon: float, delta: float) -> PrivacyRecord:
-    """What a run will spend: T subsampled Gaussian steps at q = 1/K (noise multiplier w.r.t. 2 C sqrt(B))."""
-    if dataset_size < 1:
-        raise ValueError("GS-WGAN needs at least one private example")
-    return private_record(
-        epsilon,
-        delta,
-        1.0 / config.num_discriminators,
-        config.generator_iterations,
-        config.accountant,
-        max_grad_norm=config.max_grad_norm,
-        mechanism=MECHANISM,
-        dataset_size=dataset_size,
-    )
 
 
 def assign_subsets(n: int, num_subsets: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -427,21 +259,16 @@ class _Trainer:
         self.public = torch.Generator(device=device).manual_seed(seed)  # codes, labels, GP interpolation
 
     def new_generator(self, index: int) -> ConditionalGenerator:
-        with public_seed(self.seed * 100_003 + index):
-            net = ConditionalGenerator(
-                self.config.latent_dim, self.num_classes, self.config.generator_width, self.image_size
-            )
-        return net.to(self.device)
+        seed = self.seed * 100_003 + index
+        return new_generator(self.config, self.num_classes, seed, self.image_size).to(self.device)
 
     def generator_optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
-        betas = (self.config.adam_beta1, self.config.adam_beta2)
-        return torch.optim.Adam(net.parameters(), lr=self.config.lr_generator, betas=betas)
+        return adam(net, self.config.lr_generator, self.config)
 
     def new_critic(self, index: int, subset: torch.Tensor) -> _Critic:
-        with public_seed(self.seed * 100_003 + 50_021 + index):
-            net = ConditionalCritic(self.num_classes, self.config.critic_width, self.image_size).to(self.device)
-        betas = (self.config.adam_beta1, self.config.adam_beta2)
-        return _Critic(net, torch.optim.Adam(net.parameters(), lr=self.config.lr_discriminator, betas=betas), subset)
+        seed = self.seed * 100_003 + 50_021 + index
+        net = new_critic(self.config, self.num_classes, seed, self.image_size).to(self.device)
+        return _Critic(net, adam(net, self.config.lr_discriminator, self.config), subset)
 
     def codes(self, count: int) -> torch.Tensor:
         return torch.randn(count, self.config.latent_dim, generator=self.public, device=self.device)
@@ -476,7 +303,7 @@ class _Trainer:
         images = generator(self.codes(len(labels)), labels)
         return images, generator_loss_gradients(critic, images.detach(), labels)
 
-    def warm_start(self, critic: _Critic, index: int, progress: Progress | None) -> None:
+    def warm_start(self, critic: _Critic, index: int, progress: Progress) -> None:
         """The paper's non-private warm start: a GAN game on the critic's subset against a throwaway generator."""
         generator = self.new_generator(1 + index)
         optimizer = self.generator_optimizer(generator)
@@ -487,14 +314,7 @@ class _Trainer:
             optimizer.zero_grad(set_to_none=True)
             images.backward(grad / len(grad))
             optimizer.step()
-            if progress is not None:
-                progress.step()
-
-
-def update_average(average: nn.Module, current: nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for avg, cur in zip(average.parameters(), current.parameters()):
-            avg.lerp_(cur, 1.0 - decay)
+            progress.step()
 
 
 def train_gswgan(
@@ -502,27 +322,22 @@ def train_gswgan(
     labels: torch.Tensor,
     num_classes: int,
     *,
-    epsilon: float,
-    delta: float,
+    record: PrivacyRecord,
     config: GSWGANConfig,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    secret: SecretRandomness | None = None,
-    progress: Progress | None = None,
-    callback: Callable[[int], None] | None = None,
-) -> tuple[ConditionalGenerator, PrivacyRecord]:
+    device: str | torch.device,
+    seed: int,
+    secret: SecretRandomness,
+    progress: Progress,
+) -> ConditionalGenerator:
     """Train a DP conditional generator on ``pixels`` (``[0, 1]``, ``(N, 1, H, W)``) and class indices ``labels``.
 
-    Returns the generator to sample (the moving average if ``config.ema_decay > 0``) and the
-    privacy record. ``secret`` draws the split, the picks, the critics' batches and the noise
-    (default: fresh OS entropy); ``seed`` drives everything public. ``callback(step)`` runs after
-    every private generator step.
+    Returns the generator to sample (the moving average if ``config.ema_decay > 0``); ``record``
+    is the planned mechanism (its noise multiplier; infinite epsilon: no clipping, no noise).
+    ``secret`` draws the split, the picks, the critics' batches and the noise; ``seed`` drives
+    everything public.
     """
-    validate_budget(epsilon, delta)
-    record = privacy_of(config, len(labels), epsilon, delta)
-    private = not math.isinf(epsilon)
+    private = not math.isinf(record.epsilon)
     noise_std = record.noise_multiplier * step_sensitivity(config.max_grad_norm, config.batch_size)
-    secret = secret or SecretRandomness.fresh(device)
     trainer = _Trainer(
         pixels.to(device), labels.to(device), num_classes, config, device=device, seed=seed, secret=secret
     )
@@ -550,70 +365,8 @@ def train_gswgan(
         if average is not generator:
             # Warm-up (a plain running mean at first), so that early iterates do not dominate short runs.
             update_average(average, generator, min(config.ema_decay, step / (step + 1)))
-        if callback is not None:
-            callback(step)
-        if progress is not None:
-            progress.step()
-    return average.eval(), record
-
-
-@torch.no_grad()
-def sample_generator(
-    generator: ConditionalGenerator,
-    samples_per_class: int,
-    *,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    chunk_size: int = 1000,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``samples_per_class`` ``[0, 1]`` images per class index, grouped by class, on CPU."""
-    rng = torch.Generator(device=device).manual_seed(seed)
-    labels = torch.arange(generator.num_classes, device=device).repeat_interleave(samples_per_class)
-    images = []
-    for chunk in labels.split(chunk_size):
-        code = torch.randn(len(chunk), generator.latent_dim, generator=rng, device=device)
-        images.append(generator(code, chunk).cpu())
-    return torch.cat(images), labels.cpu()
-
-
-def gswgan_generate(
-    data: ImageSet,
-    classes: list[int],
-    spec: DatasetSpec,
-    *,
-    epsilon: float,
-    delta: float,
-    config: GSWGANConfig,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    secret: SecretRandomness | None = None,
-    progress: Progress | None = None,
-) -> tuple[ImageSet, PrivacyRecord]:
-    """Train GS-WGAN on a party's ``data`` (normalised, only ``classes``) and sample its release.
-
-    Returns ``config.released_per_class`` images per class, normalised like the real data, with
-    the original class ids, and the privacy record.
-    """
-    class_ids, indices = partition_class_indices(data, classes)
-    if len(data) == 0:
-        raise ValueError("GS-WGAN needs at least one private example")
-    if data.images.shape[1] != 1:
-        raise ValueError("GS-WGAN's networks take single-channel images")
-    pixels = spec.to_pixels(data.images).clamp(0, 1)  # the generator's sigmoid range
-    generator, record = train_gswgan(
-        pixels,
-        indices,
-        len(class_ids),
-        epsilon=epsilon,
-        delta=delta,
-        config=config,
-        device=device,
-        seed=seed,
-        secret=secret,
-        progress=progress,
-    )
-    images, index_labels = sample_generator(generator, config.released_per_class, device=device, seed=seed + 2)
-    return ImageSet(spec.normalise(images).float(), class_ids[index_labels].long()), record
+        progress.step()
+    return average.eval()
 
 
 @register_method
@@ -628,20 +381,46 @@ class GSWGAN(Method):
     evaluation = GSWGAN_EVALUATION
 
     def plan(self, stage: PartyStage, config: GSWGANConfig) -> PrivacyRecord:
-        return privacy_of(config, len(stage.data), stage.epsilon, stage.delta)
+        """T subsampled Gaussian steps at q = 1/K (noise multiplier w.r.t. 2 C sqrt(B))."""
+        if len(stage.data) < 1:
+            raise ValueError("GS-WGAN needs at least one private example")
+        return private_record(
+            stage.epsilon,
+            stage.delta,
+            1.0 / config.num_discriminators,
+            config.generator_iterations,
+            config.accountant,
+            max_grad_norm=config.max_grad_norm,
+            mechanism=MECHANISM,
+            dataset_size=len(stage.data),
+        )
 
-    def run(self, stage: PartyStage, config: GSWGANConfig, secret: SecretRandomness | None = None) -> Release:
-        total = config.num_discriminators * config.pretrain_iterations + config.generator_iterations
-        generated, record = gswgan_generate(
-            stage.data,
-            stage.classes,
-            stage.spec,
-            epsilon=stage.epsilon,
-            delta=stage.delta,
+    def steps(self, stage: PartyStage, config: GSWGANConfig) -> int:
+        return config.num_discriminators * config.pretrain_iterations + config.generator_iterations
+
+    def release(self, stage: PartyStage, config: GSWGANConfig, secret: SecretRandomness, progress: Progress) -> Release:
+        """Train GS-WGAN on the party's data and sample ``config.released_per_class`` images per class.
+
+        The images are normalised like the real data, with the original class ids.
+        """
+        data, spec = stage.data, stage.spec
+        class_ids, indices = partition_class_indices(data, stage.classes)
+        if data.images.shape[1] != 1:
+            raise ValueError("GS-WGAN's networks take single-channel images")
+        record = self.plan(stage, config)
+        pixels = spec.to_pixels(data.images).clamp(0, 1)  # the generator's sigmoid range
+        generator = train_gswgan(
+            pixels,
+            indices,
+            len(class_ids),
+            record=record,
             config=config,
             device=stage.device,
             seed=stage.seed,
             secret=secret,
-            progress=stage.progress(total),
+            progress=progress,
         )
-        return Release(record, images=generated.images, labels=generated.labels)
+        images, index_labels = sample_generator(
+            generator, config.released_per_class, device=stage.device, seed=stage.seed + 2
+        )
+        return Release(record, images=spec.normalise(images).float(), labels=class_ids[index_labels].long())

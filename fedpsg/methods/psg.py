@@ -20,7 +20,7 @@ public ``seed`` only initialises the networks and the synthetic images.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch.autograd.profiler import record_function
@@ -28,7 +28,6 @@ from torch.nn import functional as F
 
 from fedpsg.data.augment import AugmentationSampler
 from fedpsg.data.datasets import DatasetSpec, ImageSet
-from fedpsg.data.synthetic import SyntheticSet
 from fedpsg.dp.accounting import PrivacyRecord, private_record
 from fedpsg.dp.gradients import private_gradient
 from fedpsg.dp.mechanisms import poisson_sample
@@ -86,114 +85,6 @@ def _plain_gradient(model: torch.nn.Module, images: torch.Tensor, labels: torch.
     return [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]
 
 
-def generate_private_set(
-    data: ImageSet,
-    classes: list[int],
-    spec: DatasetSpec,
-    *,
-    epsilon: float,
-    delta: float,
-    config: PSGConfig,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    secret: SecretRandomness | None = None,
-    progress: Progress | None = None,
-    earlier: ImageSet | None = None,
-) -> SyntheticSet:
-    """Run PSG on a party's private ``data`` (only ``classes``) and return its DP synthetic set.
-
-    ``seed`` is public (network and image initialisation). ``secret`` draws the Poisson batches
-    and the noise; leave it ``None`` (fresh OS entropy) for any release that leaves the party.
-    ``epsilon = inf`` gives the non-private reference (plain, unclipped real gradients).
-    ``progress`` (if given) advances once per run R. ``earlier`` holds the DP sets of earlier
-    stages the party received (public to it); with ``config.inner_on_all_sets`` the network's
-    inner-loop training uses them (see :func:`inner_training_set`).
-    """
-    if len(data) == 0:
-        raise ValueError("the private dataset is empty")
-    n = len(data)
-    record = privacy_of(config, n, epsilon, delta)
-    sample_rate = record.sample_rate
-    private = not math.isinf(epsilon)
-
-    secret = secret or SecretRandomness.fresh(device)
-    real_images, real_labels = data.images.to(device), data.labels.to(device)
-
-    with public_seed(seed):
-        syn_images = torch.randn(len(classes) * config.spc, spec.channels, *spec.image_size).to(device)
-    syn_images.requires_grad_(True)
-    syn_labels = torch.tensor(classes, device=device).repeat_interleave(config.spc)
-    image_optimizer = torch.optim.SGD([syn_images], lr=config.lr_images, momentum=config.momentum_images)
-    others = inner_training_set(classes, spec, config, earlier, seed) if config.inner_on_all_sets else None
-    augmentations = AugmentationSampler(spec, seed) if config.augment else None
-
-    for run in range(config.iterations):
-        with public_seed(seed * 100_003 + run):
-            net = build_model(
-                config.model,
-                spec.channels,
-                spec.num_classes,
-                spec.image_size,
-                config.width,
-                config.depth,
-                init=config.init,
-            ).to(device)
-        params = list(net.parameters())
-        net_optimizer = torch.optim.SGD(params, lr=config.lr_net)
-        for outer in range(config.outer_loop):
-            for _ in range(config.batch_loop):
-                augment = augmentations() if augmentations else None
-                with record_function("psg.dp_real_gradient"):
-                    batch = poisson_sample(n, sample_rate, secret.sampling).to(device)
-                    x, y = real_images[batch], real_labels[batch]
-                    x = augment(x) if augment is not None else x
-                    if private:
-                        real_grads = private_gradient(
-                            net,
-                            x,
-                            y,
-                            max_grad_norm=config.max_grad_norm,
-                            noise_multiplier=record.noise_multiplier,
-                            expected_batch_size=sample_rate * n,
-                            generator=secret.noise,
-                        )
-                    else:
-                        real_grads = _plain_gradient(net, x, y) if len(y) else [torch.zeros_like(p) for p in params]
-                with record_function("psg.synthetic_step"):
-                    syn_batch = augment(syn_images) if augment is not None else syn_images
-                    syn_loss = F.cross_entropy(net(syn_batch), syn_labels)
-                    syn_grads = torch.autograd.grad(syn_loss, params, create_graph=True)
-                    distance = matching_distance(real_grads, list(syn_grads))
-                    image_optimizer.zero_grad(set_to_none=True)
-                    (syn_images.grad,) = torch.autograd.grad(distance, [syn_images])
-                    image_optimizer.step()
-            if outer == config.outer_loop - 1:
-                break
-            # Post-processing: train the network on the current synthetic set (and the other sets).
-            # (record_function labels: microseconds each, read by bench/profile_psg_stage.py.)
-            train_images, train_labels = syn_images.detach(), syn_labels
-            if others is not None:
-                train_images = torch.cat([others.images.to(device), train_images])
-                train_labels = torch.cat([others.labels.to(device), train_labels])
-            with record_function("psg.inner_loop"):
-                for _ in range(config.inner_loop):
-                    loss = F.cross_entropy(net(train_images), train_labels)
-                    net_optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    net_optimizer.step()
-        if progress is not None:
-            progress.step()
-
-    return SyntheticSet(
-        images=syn_images.detach().cpu(),
-        labels=syn_labels.cpu(),
-        dataset=spec.name,
-        classes=list(classes),
-        privacy=record,
-        config={"method": "psg", **asdict(config)},
-    )
-
-
 def inner_training_set(
     classes: list[int], spec: DatasetSpec, config: PSGConfig, earlier: ImageSet | None, seed: int
 ) -> ImageSet:
@@ -211,20 +102,6 @@ def inner_training_set(
     labels = torch.tensor(missing, dtype=torch.long).repeat_interleave(config.spc)
     labels = [labels] if earlier is None else [earlier.labels.long(), labels]
     return ImageSet(torch.cat(images), torch.cat(labels))
-
-
-def privacy_of(config: PSGConfig, n: int, epsilon: float, delta: float) -> PrivacyRecord:
-    """What a PSG run over ``n`` private examples will spend (without running it)."""
-    sample_rate = min(1.0, config.batch_size / n)
-    return private_record(
-        epsilon,
-        delta,
-        sample_rate,
-        config.dp_steps,
-        config.accountant,
-        max_grad_norm=config.max_grad_norm,
-        dataset_size=n,
-    )
 
 
 @register_method
@@ -260,20 +137,100 @@ class PSG(Method):
     uses_earlier_sets = True
 
     def plan(self, stage: PartyStage, config: PSGConfig) -> PrivacyRecord:
-        return privacy_of(config, len(stage.data), stage.epsilon, stage.delta)
-
-    def run(self, stage: PartyStage, config: PSGConfig, secret: SecretRandomness | None = None) -> Release:
-        synthetic = generate_private_set(
-            stage.data,
-            stage.classes,
-            stage.spec,
-            epsilon=stage.epsilon,
-            delta=stage.delta,
-            config=config,
-            device=stage.device,
-            seed=stage.seed,
-            secret=secret,
-            progress=stage.progress(config.iterations),
-            earlier=stage.earlier,
+        """R*T*K Poisson-subsampled Gaussian steps at rate B/N, sigma calibrated to the stage's budget."""
+        n = len(stage.data)
+        if n == 0:
+            raise ValueError("the private dataset is empty")
+        return private_record(
+            stage.epsilon,
+            stage.delta,
+            min(1.0, config.batch_size / n),
+            config.dp_steps,
+            config.accountant,
+            max_grad_norm=config.max_grad_norm,
+            dataset_size=n,
         )
-        return Release(synthetic.privacy, images=synthetic.images, labels=synthetic.labels)
+
+    def steps(self, stage: PartyStage, config: PSGConfig) -> int:
+        return config.iterations
+
+    def release(self, stage: PartyStage, config: PSGConfig, secret: SecretRandomness, progress: Progress) -> Release:
+        """Algorithm 1 on the party's ``stage.data``; returns the DP synthetic set.
+
+        ``stage.seed`` is public (network and image initialisation); ``secret`` draws the Poisson
+        batches and the noise. ``epsilon = inf`` gives the non-private reference (plain, unclipped
+        real gradients). ``progress`` advances once per run R. ``stage.earlier`` holds the DP sets
+        of earlier stages the party received (public to it); with ``config.inner_on_all_sets`` the
+        network's inner-loop training uses them (see :func:`inner_training_set`).
+        """
+        spec, classes, seed, device, n = stage.spec, stage.classes, stage.seed, stage.device, len(stage.data)
+        record = self.plan(stage, config)
+        sample_rate = record.sample_rate
+        private = not math.isinf(stage.epsilon)
+        real_images, real_labels = stage.data.images.to(device), stage.data.labels.to(device)
+
+        with public_seed(seed):
+            syn_images = torch.randn(len(classes) * config.spc, spec.channels, *spec.image_size).to(device)
+        syn_images.requires_grad_(True)
+        syn_labels = torch.tensor(classes, device=device).repeat_interleave(config.spc)
+        image_optimizer = torch.optim.SGD([syn_images], lr=config.lr_images, momentum=config.momentum_images)
+        others = inner_training_set(classes, spec, config, stage.earlier, seed) if config.inner_on_all_sets else None
+        augmentations = AugmentationSampler(spec, seed) if config.augment else None
+
+        for run in range(config.iterations):
+            with public_seed(seed * 100_003 + run):
+                net = build_model(
+                    config.model,
+                    spec.channels,
+                    spec.num_classes,
+                    spec.image_size,
+                    config.width,
+                    config.depth,
+                    init=config.init,
+                ).to(device)
+            params = list(net.parameters())
+            net_optimizer = torch.optim.SGD(params, lr=config.lr_net)
+            for outer in range(config.outer_loop):
+                for _ in range(config.batch_loop):
+                    augment = augmentations() if augmentations else None
+                    with record_function("psg.dp_real_gradient"):
+                        batch = poisson_sample(n, sample_rate, secret.sampling).to(device)
+                        x, y = real_images[batch], real_labels[batch]
+                        x = augment(x) if augment is not None else x
+                        if private:
+                            real_grads = private_gradient(
+                                net,
+                                x,
+                                y,
+                                max_grad_norm=config.max_grad_norm,
+                                noise_multiplier=record.noise_multiplier,
+                                expected_batch_size=sample_rate * n,
+                                generator=secret.noise,
+                            )
+                        else:
+                            real_grads = _plain_gradient(net, x, y) if len(y) else [torch.zeros_like(p) for p in params]
+                    with record_function("psg.synthetic_step"):
+                        syn_batch = augment(syn_images) if augment is not None else syn_images
+                        syn_loss = F.cross_entropy(net(syn_batch), syn_labels)
+                        syn_grads = torch.autograd.grad(syn_loss, params, create_graph=True)
+                        distance = matching_distance(real_grads, list(syn_grads))
+                        image_optimizer.zero_grad(set_to_none=True)
+                        (syn_images.grad,) = torch.autograd.grad(distance, [syn_images])
+                        image_optimizer.step()
+                if outer == config.outer_loop - 1:
+                    break
+                # Post-processing: train the network on the current synthetic set (and the other sets).
+                # (record_function labels: microseconds each, read by bench/profile_psg_stage.py.)
+                train_images, train_labels = syn_images.detach(), syn_labels
+                if others is not None:
+                    train_images = torch.cat([others.images.to(device), train_images])
+                    train_labels = torch.cat([others.labels.to(device), train_labels])
+                with record_function("psg.inner_loop"):
+                    for _ in range(config.inner_loop):
+                        loss = F.cross_entropy(net(train_images), train_labels)
+                        net_optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        net_optimizer.step()
+            progress.step()
+
+        return Release(record, images=syn_images.detach().cpu(), labels=syn_labels.cpu())

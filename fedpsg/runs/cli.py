@@ -22,14 +22,15 @@ from fedpsg.runs.settings import (
     DEFAULT_STAGE_RETRIES,
     DEFAULT_STAGE_TIMEOUT,
     RunSettings,
-    default_device,
-    default_profile,
     format_epsilon,
+    method_sections,
     method_settings,
+    override_sections,
     parse_epsilons,
-    parse_overrides,
+    parse_methods,
+    resolve_device,
+    resolve_profile,
     resolve_settings,
-    split_sections,
 )
 
 
@@ -113,6 +114,20 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def common_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What the flags both scenario kinds read mean, as keyword arguments of either kind's
+    ``resolve_*settings``."""
+    return {
+        "delta": args.delta,
+        "methods": parse_methods(args.methods),
+        "profile": args.profile,
+        "seed": args.seed,
+        "device": args.device,
+        "data_dir": args.data_dir,
+        "overrides": args.overrides,
+    }
+
+
 def settings_from_args(args: argparse.Namespace) -> list[RunSettings]:
     """One RunSettings per epsilon (a sweep ``--eps 1,10`` puts each run in ``<out>/eps<eps>``)."""
     sweep = args.eps or [None]
@@ -125,20 +140,14 @@ def settings_from_args(args: argparse.Namespace) -> list[RunSettings]:
             resolve_settings(
                 args.scenario,
                 epsilon=epsilon,
-                delta=args.delta,
                 spc=args.spc,
-                profile=args.profile,
-                seed=args.seed,
                 out=out,
                 stages=args.stages,
-                device=args.device,
-                methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
                 replay=args.replay,
-                data_dir=args.data_dir,
                 stage_timeout=args.stage_timeout,
                 reconnect_timeout=args.reconnect_timeout,
                 stage_retries=args.stage_retries,
-                overrides=args.overrides,
+                **common_settings(args),
             )
         )
     return runs
@@ -167,9 +176,9 @@ def party_settings(args: argparse.Namespace, command: str) -> PartySettings:
     spec = dataset_spec(args.dataset)
     classes = args.classes if args.classes is not None else list(range(spec.num_classes))
     validate_classes(classes, spec.num_classes)
-    device = args.device or default_device()
-    profile = args.profile or default_profile(device)
-    sections = split_sections(parse_overrides(args.overrides), [method.name])
+    device = resolve_device(args.device)
+    profile = resolve_profile(args.profile, None, device)
+    sections = override_sections({}, args.overrides, method_sections([method.name]))
     config, evaluation = method_settings(method.name, profile, sections, args.spc)
     epsilon, delta = (args.eps or [10.0])[0], args.delta or 1e-5
     return PartySettings(method, spec, classes, config, evaluation, epsilon, delta, device, profile)

@@ -7,6 +7,9 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
+
+from fedpsg.io.files import write_json
 
 
 class ResumeMismatchError(RuntimeError):
@@ -20,6 +23,14 @@ class PartyError(RuntimeError):
 class PartyUnavailable(PartyError):
     """The party's node went away (or never answered): worth waiting for it to come back."""
 
+
+class RunIdentity(Protocol):
+    """Settings of either scenario kind, as far as their run folder is concerned."""
+
+    @property
+    def out(self) -> Path: ...
+
+    def identity(self) -> dict: ...
 
 
 def stored_run(out: Path, wanted: dict) -> dict | None:
@@ -41,6 +52,38 @@ def stored_run(out: Path, wanted: dict) -> dict | None:
         )
     return found
 
+
+def check_resumable(settings: RunIdentity) -> bool:
+    """True if ``settings.out`` holds a run to resume; raise if it holds a different run."""
+    return stored_run(settings.out, settings.identity()) is not None
+
+
+class RunFolder:
+    """A run's output folder: ``config.json`` (what the results are of), ``run.log`` and ``DONE``."""
+
+    def __init__(self, out: Path, identity: dict) -> None:
+        self.out, self.identity = out, identity
+
+    def open(self) -> bool:
+        """Check ``config.json`` against the identity (raise if the folder holds another run), then
+        write it; True if a run is resumed. Stored ``methods`` the identity lacks are kept: a run
+        resumed with other methods still holds the first ones' results."""
+        found = stored_run(self.out, self.identity)
+        identity = dict(self.identity)
+        if found is not None and "methods" in identity:
+            identity["methods"] = {**found.get("methods", {}), **identity["methods"]}
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / "config.json", identity)
+        return found is not None
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """The run log while the run lasts, and ``DONE`` only if it completes (an exception leaves none)."""
+        done = self.out / "DONE"
+        done.unlink(missing_ok=True)  # written again only if this run completes
+        with run_log(self.out / "run.log"):
+            yield
+            done.write_text("completed\n")
 
 
 @contextmanager

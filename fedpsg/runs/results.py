@@ -1,8 +1,10 @@
-"""Run outputs: per-stage CSV, JSON summary, Figure-3-style plot, Markdown/terminal tables."""
+"""Run outputs of both scenario kinds: per-stage CSV, JSON summary, accuracy plots, Markdown/terminal tables."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +17,16 @@ from fedpsg.io.files import write_csv, write_json, write_text_atomically  # noqa
 from fedpsg.methods import get_method  # noqa: E402
 
 
+@dataclass(frozen=True)
+class XAxis:
+    """What a panel of the accuracy plot has on its x axis: a column of the results."""
+
+    column: str
+    label: str
+    log: bool = False
+    tick_every_value: bool = False  # a tick at each value (stages), not matplotlib's choice
+
+
 def write_results(rows: list[dict], out: Path, title: str) -> pd.DataFrame:
     """results.csv, accuracy.png and report.md from the per-stage rows (one per method x stage)."""
     frame = pd.DataFrame(rows).sort_values(["method", "stage"]).reset_index(drop=True)
@@ -22,26 +34,36 @@ def write_results(rows: list[dict], out: Path, title: str) -> pd.DataFrame:
     leading = ["method", "stage", "classes", "accuracy", "accuracy_std", *stage_columns]
     frame = frame[leading + [c for c in frame.columns if c not in leading]]
     write_csv(out / "results.csv", frame)
-    plot_accuracy(frame, out / "accuracy.png", title)
-    write_text_atomically(out / "report.md", markdown_report(frame, title))
+    labels = {m: get_method(m).label for m in frame["method"].unique()}
+    stage = XAxis("stage", "training stage", tick_every_value=True)
+    plot_accuracy(frame, out / "accuracy.png", title, [stage], "average accuracy over seen classes (%)", labels)
+    note = "Average accuracy (%) over the classes seen so far."
+    write_text_atomically(out / "report.md", markdown_report(title, accuracy_table(frame).reset_index(), note))
     return frame
 
 
-def plot_accuracy(frame: pd.DataFrame, path: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for method, group in frame.groupby("method", sort=False):
-        ax.errorbar(
-            group["stage"], 100 * group["accuracy"], yerr=100 * group["accuracy_std"],
-            marker="o", capsize=3, label=get_method(method).label,
-        )  # fmt: skip
-    stages = sorted(frame["stage"].unique())
-    ax.set_xticks(stages)
-    ax.set_xlabel("training stage")
-    ax.set_ylabel("average accuracy over seen classes (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.set_title(title)
-    ax.legend()
+def plot_accuracy(
+    frame: pd.DataFrame, path: Path, title: str, axes: Sequence[XAxis], ylabel: str, labels: Mapping[str, str]
+) -> None:
+    """Accuracy (%) against each of ``axes`` (a panel each): a curve per method, named
+    ``labels[method]``, with error bars where the frame has an ``accuracy_std``."""
+    fig, panels = plt.subplots(1, len(axes), figsize=(0.5 + 4.5 * len(axes), 3.6), squeeze=False)
+    for panel, axis in zip(panels[0], axes):
+        for method, group in frame.groupby("method", sort=False):
+            std = 100 * group["accuracy_std"] if "accuracy_std" in group else None
+            panel.errorbar(
+                group[axis.column], 100 * group["accuracy"], yerr=std, marker="o", capsize=3, label=labels[method]
+            )
+        if axis.tick_every_value:
+            panel.set_xticks(sorted(frame[axis.column].unique()))
+        if axis.log:
+            panel.set_xscale("log")
+        panel.set_xlabel(axis.label)
+        panel.set_ylabel(ylabel)
+        panel.set_ylim(0, 100)
+        panel.grid(alpha=0.3)
+        panel.legend(fontsize="small")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -57,22 +79,20 @@ def accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def markdown_report(frame: pd.DataFrame, title: str) -> str:
-    table = accuracy_table(frame)
-    header = "| method | " + " | ".join(table.columns) + " |"
-    rule = "|" + "---|" * (len(table.columns) + 1)
-    lines = [f"# {title}", "", "Average accuracy (%) over the classes seen so far.", "", header, rule]
-    lines += [f"| {m} | " + " | ".join(str(v) for v in row) + " |" for m, row in table.iterrows()]
+def markdown_report(title: str, table: pd.DataFrame, note: str | None = None) -> str:
+    """``# title``, ``note`` and ``table`` (its columns, not its index) as Markdown; floats to 4 digits."""
+    lines = [f"# {title}", ""] + ([note, ""] if note else [])
+    if table.empty:
+        return "\n".join([*lines, "(no evaluations yet)"]) + "\n"
+    lines += ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    for row in table.itertuples(index=False):
+        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_summary(frame: pd.DataFrame, out: Path, settings: dict, extra: dict) -> dict:
-    final = frame.sort_values("stage").groupby("method").last()
-    summary = {
-        "settings": settings,
-        "final_accuracy": {m: float(r["accuracy"]) for m, r in final.iterrows()},
-        "stages": frame.to_dict(orient="records"),
-        **extra,
-    }
+def write_summary(frame: pd.DataFrame, out: Path, x: str, settings: dict, extra: dict) -> dict:
+    """summary.json: the run's settings, each method's accuracy at its last ``x`` (stage or round), ``extra``."""
+    final = frame.sort_values(x).groupby("method").last() if len(frame) else pd.DataFrame()
+    summary = {"settings": settings, "final_accuracy": {m: float(r["accuracy"]) for m, r in final.iterrows()}, **extra}
     write_json(out / "summary.json", summary)
     return summary

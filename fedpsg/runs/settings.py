@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,22 @@ def default_profile(device: str | None = None) -> str:
     return "paper" if (device or default_device()).startswith("cuda") else "cpu"
 
 
+def resolve_device(device: str | None) -> str:
+    """``device`` (cpu or cuda[:N]), else cuda if available, else cpu."""
+    device = device or default_device()
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"device must be cpu or cuda[:N], got {device!r}")
+    return device
+
+
+def resolve_profile(profile: str | None, scenario_profile: str | None, device: str) -> str:
+    """The command line's profile, else the scenario file's, else the device's default."""
+    profile = profile or scenario_profile or default_profile(device)
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; available: {', '.join(PROFILES)}")
+    return profile
+
+
 def format_epsilon(epsilon: float) -> str:
     return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
 
@@ -63,6 +79,12 @@ def parse_epsilons(text: str | float) -> list[float]:
     if not values or not all(v > 0 for v in values):
         raise ValueError(f"eps must be > 0 (or inf), got {text!r}")
     return values
+
+
+def parse_methods(text: str | None) -> list[str] | None:
+    """``psg, dpsgd`` -> ``["psg", "dpsgd"]``; None (the scenario's methods) if empty."""
+    methods = [m.strip() for m in (text or "").split(",") if m.strip()]
+    return methods or None
 
 
 def parse_overrides(items: Iterable[str] | str | None) -> dict[str, Any]:
@@ -125,9 +147,13 @@ def apply_overrides(config: Any, values: Mapping[str, Any], section: str) -> Any
         raise ValueError(f"{section}: {err}") from None
 
 
-def split_sections(overrides: Mapping[str, Any], methods: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """Group dotted overrides by section; unknown sections are an error."""
-    known = {EVALUATION, *methods, *(f"{m}.{EVALUATION}" for m in methods)}
+def method_sections(methods: Iterable[str]) -> set[str]:
+    """The settings sections of ``methods``: each one's config and evaluation, and every method's evaluation."""
+    return {EVALUATION, *methods, *(f"{m}.{EVALUATION}" for m in methods)}
+
+
+def split_sections(overrides: Mapping[str, Any], known: Collection[str]) -> dict[str, dict[str, Any]]:
+    """Group dotted overrides by section; a section not in ``known`` is an error."""
     sections: dict[str, dict[str, Any]] = {}
     for name, value in overrides.items():
         section, _, key = name.rpartition(".")
@@ -135,6 +161,17 @@ def split_sections(overrides: Mapping[str, Any], methods: Iterable[str]) -> dict
             raise ValueError(f"unknown settings section {section!r} in {name!r}; known: {', '.join(sorted(known))}")
         sections.setdefault(section, {})[key] = value
     return sections
+
+
+def override_sections(
+    scenario_overrides: Mapping[str, Any],
+    overrides: Mapping[str, Any] | Iterable[str] | str | None,
+    known: Collection[str],
+) -> dict[str, dict[str, Any]]:
+    """The scenario file's ``set:``, then ``overrides`` (parsed if text; they win), by section."""
+    if overrides is None or isinstance(overrides, (str, list, tuple)):
+        overrides = parse_overrides(overrides)
+    return split_sections({**scenario_overrides, **overrides}, known)
 
 
 def method_settings(
@@ -238,16 +275,9 @@ def resolve_settings(
         raise ValueError(f"stages must be in 1..{len(base.stages)}, got {stages}")
     if stage_timeout <= 0 or reconnect_timeout <= 0 or stage_retries < 0:
         raise ValueError("stage and reconnect timeouts must be > 0 seconds, stage retries >= 0")
-    device = device or default_device()
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise ValueError(f"device must be cpu or cuda[:N], got {device!r}")
-    profile = profile or chosen.profile or default_profile(device)
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; available: {', '.join(PROFILES)}")
-    if overrides is None or isinstance(overrides, (str, list, tuple)):
-        overrides = parse_overrides(overrides)
-    merged = {**chosen.overrides, **overrides}  # scenario file first, then the command line
-    sections = split_sections(merged, chosen.methods)
+    device = resolve_device(device)
+    profile = resolve_profile(profile, chosen.profile, device)
+    sections = override_sections(chosen.overrides, overrides, method_sections(chosen.methods))
     resolved = {m: method_settings(m, profile, sections, chosen.spc) for m in chosen.methods}
     if out is None:
         out = Path("runs") / f"{chosen.name}-eps{format_epsilon(chosen.epsilon)}"
@@ -292,7 +322,6 @@ def settings_from_run_config(config: Mapping[str, Any]) -> RunSettings:
     epsilons = get("eps", parse_epsilons)
     if epsilons is not None and len(epsilons) != 1:
         raise ValueError("a Flower run takes one eps; run a sweep with python -m fedpsg.simulate --eps 1,10")
-    methods = get("methods")
     return resolve_settings(
         get("scenario") or DEFAULT_SCENARIO,
         epsilon=epsilons[0] if epsilons else None,
@@ -303,7 +332,7 @@ def settings_from_run_config(config: Mapping[str, Any]) -> RunSettings:
         out=get("out"),
         stages=get("stages", int),
         device=get("device"),
-        methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
+        methods=get("methods", parse_methods),
         replay=get("replay"),
         data_dir=get("data-dir"),
         stage_timeout=get("stage-timeout", float) or DEFAULT_STAGE_TIMEOUT,
