@@ -245,7 +245,7 @@ def _finished_stages(folder: Path, side: dict, most: int | None) -> int:
     return min(count, most) if most else count
 
 
-def _fedpsg_protocol(folder: Path, side: dict, stages: int, data_dir: str | None) -> list[float]:
+def _fedpsg_protocol(folder: Path, side: dict, stages: list[int], data_dir: str | None) -> list[float]:
     from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
     from fedpsg.nn.evaluation import EvalConfig, evaluate_training_set
 
@@ -253,7 +253,7 @@ def _fedpsg_protocol(folder: Path, side: dict, stages: int, data_dir: str | None
     test = load_images(spec.name, train=False, data_dir=data_dir)
     evaluation = EvalConfig(**side["evaluation"])
     accuracies = []
-    for stage in range(1, stages + 1):
+    for stage in stages:
         seen = [c for classes in side["stages"][:stage] for c in classes]
         stored = torch.load(folder / "sets" / f"cumulative{stage}.pt", weights_only=False)
         result = evaluate_training_set(
@@ -263,7 +263,7 @@ def _fedpsg_protocol(folder: Path, side: dict, stages: int, data_dir: str | None
     return accuracies
 
 
-def _authors_protocol(folder: Path, side: dict, stages: int, args: argparse.Namespace) -> list[float]:
+def _authors_protocol(folder: Path, side: dict, stages: list[int], args: argparse.Namespace) -> list[float]:
     checkout = Path(args.checkout).resolve()
     job = {
         "folder": str(folder.resolve()),
@@ -306,7 +306,7 @@ def _authors_evaluation(job: dict) -> None:
     )  # fmt: skip
     targets = np.asarray(dst_test.targets)
     means = []
-    for stage in range(1, job["evaluate"] + 1):
+    for stage in job["evaluate"]:
         seen = order[: 2 * stage]
         stored = torch.load(Path(job["folder"]) / "sets" / f"cumulative{stage}.pt", weights_only=False)
         mapped = torch.tensor([order.index(int(c)) for c in stored["labels"]])
@@ -334,12 +334,20 @@ def evaluate(args: argparse.Namespace) -> None:
             _collect_authors(folder, Path(args.checkout).resolve())
         else:
             _collect_fedpsg(folder)
-        stages = _finished_stages(folder, side, args.stages)
-        ours = _fedpsg_protocol(folder, side, stages, args.data_dir)
-        theirs = _authors_protocol(folder, side, stages, args)
-        for stage, (a, b) in enumerate(zip(ours, theirs), start=1):
-            rows.append({"run": folder.name, "side": side["side"], "stage": stage, "fedpsg_eval": a, "authors_eval": b})
-        print(folder.name, side["side"], [f"{100 * a:.1f}" for a in ours], [f"{100 * b:.1f}" for b in theirs])
+        # Each stage's two evaluations are kept in the folder: a later call evaluates only new stages.
+        done_path = folder / "evaluation.json"
+        done = json.loads(done_path.read_text()) if done_path.exists() else {}
+        new = [k for k in range(1, _finished_stages(folder, side, args.stages) + 1) if str(k) not in done]
+        if new:
+            ours = _fedpsg_protocol(folder, side, new, args.data_dir)
+            theirs = _authors_protocol(folder, side, new, args)
+            done.update({str(k): [a, b] for k, a, b in zip(new, ours, theirs)})
+            done_path.write_text(json.dumps(done, indent=1))
+        for stage, (a, b) in sorted(done.items(), key=lambda item: int(item[0])):
+            rows.append(
+                {"run": folder.name, "side": side["side"], "stage": int(stage), "fedpsg_eval": a, "authors_eval": b}
+            )
+        print(folder.name, side["side"], {k: [round(100 * v, 1) for v in pair] for k, pair in done.items()})
     import pandas as pd
 
     frame = pd.DataFrame(rows)
