@@ -353,8 +353,9 @@ def evaluate(args: argparse.Namespace) -> None:
     frame = pd.DataFrame(rows)
     target = Path(args.folders[0]).parent
     frame.to_csv(target / "comparison.csv", index=False)
-    (target / "comparison.md").write_text(comparison_table(frame))
-    print(comparison_table(frame))
+    table = comparison_table(frame)
+    (target / "comparison.md").write_text(table)
+    print(table)
 
 
 def comparison_table(frame) -> str:

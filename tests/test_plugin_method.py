@@ -61,20 +61,24 @@ class NoisyMeans(Method):
         return 1
 
     def release(
-        self, stage: PartyStage, config: NoisyMeansConfig, secret: SecretRandomness, progress: Progress
+        self,
+        stage: PartyStage,
+        config: NoisyMeansConfig,
+        plan: PrivacyRecord,
+        secret: SecretRandomness,
+        progress: Progress,
     ) -> Release:
         images = stage.data.images.flatten(1)
         images = images * (config.max_norm / images.norm(dim=1, keepdim=True)).clamp(max=1.0)
         sums = torch.stack([images[stage.data.labels == c].sum(0) for c in stage.classes])
-        record = self.plan(stage, config)
-        (noisy,) = gaussian_mechanism([sums], record.noise_multiplier * config.max_norm, secret.noise)
+        (noisy,) = gaussian_mechanism([sums], plan.noise_multiplier * config.max_norm, secret.noise)
         means = noisy / (len(stage.data) / len(stage.classes))
         public = torch.Generator().manual_seed(stage.seed)
         copies = means.repeat_interleave(config.spc, 0)
         copies = copies + config.jitter * torch.randn(copies.shape, generator=public)
         labels = torch.tensor(stage.classes).repeat_interleave(config.spc)
         progress.step()
-        return Release(record, images=copies.view(-1, *stage.data.images.shape[1:]), labels=labels)
+        return Release(plan, images=copies.view(-1, *stage.data.images.shape[1:]), labels=labels)
 
 
 FAST = ["evaluation.epochs=20", "evaluation.num_evals=1", "toy.spc=2"]
@@ -123,16 +127,16 @@ class Misreporting(NoisyMeans):
     def __init__(self, change) -> None:
         self.change = change
 
-    def release(self, stage, config, secret, progress) -> Release:
-        honest = super().release(stage, config, secret, progress)
+    def release(self, stage, config, plan, secret, progress) -> Release:
+        honest = super().release(stage, config, plan, secret, progress)
         return replace(honest, privacy=self.change(honest.privacy))
 
 
 class Imageless(NoisyMeans):
     """The toy method (declared 'synthetic'), but its release carries a model instead of the images."""
 
-    def release(self, stage, config, secret, progress) -> Release:
-        honest = super().release(stage, config, secret, progress)
+    def release(self, stage, config, plan, secret, progress) -> Release:
+        honest = super().release(stage, config, plan, secret, progress)
         return Release(honest.privacy, model_state={"weight": honest.images.mean(0)})
 
 
@@ -178,3 +182,16 @@ def test_run_withholds_a_release_that_spends_other_than_planned(change):
 def test_run_withholds_a_release_of_the_wrong_kind(method, message):
     with pytest.raises(RuntimeError, match=message):
         method.run(tiny_stage(), NoisyMeansConfig())
+
+
+def test_run_releases_at_the_plan_it_is_given_and_checks_against_it():
+    """The party's ledger holds the plan it wrote: run() uses that record, not a new calibration."""
+    stage, config = tiny_stage(), NoisyMeansConfig()
+    written = replace(NoisyMeans().plan(stage, config), noise_multiplier=3.0)
+    secret = SecretRandomness.fixed(4)
+    release = NoisyMeans().run(stage, config, SecretRandomness.fixed(4), planned=written)
+    assert release.privacy == written
+    calibrated = NoisyMeans().run(stage, config, secret)
+    assert not torch.allclose(release.images, calibrated.images)  # same draws, the written noise scale
+    with pytest.raises(RuntimeError, match="withheld"):
+        Misreporting(lambda r: replace(r, steps=2)).run(stage, config, planned=written)

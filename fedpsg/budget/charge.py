@@ -24,5 +24,6 @@ def charged_run(
     The plan uses only public facts (sizes, config, budget), so the refusal comes before the method
     computes anything on the data.
     """
-    with ledger.release(method.plan(stage, config), policy, method=method.name, purpose=purpose):
-        return method.run(stage, config, secret)  # withheld (raises) unless it spends what was planned
+    planned = method.plan(stage, config)
+    with ledger.release(planned, policy, method=method.name, purpose=purpose):
+        return method.run(stage, config, secret, planned=planned)  # withheld (raises) unless it spends that

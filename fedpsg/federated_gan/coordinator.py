@@ -49,7 +49,7 @@ from fedpsg.federated_gan.split import party_classes
 from fedpsg.io.files import save_atomically, write_csv, write_json, write_text_atomically
 from fedpsg.io.progress import Progress
 from fedpsg.nn.evaluation import evaluate_training_set
-from fedpsg.nn.gan import adam, new_critic, new_generator, sample_generator, update_average  # noqa: E402
+from fedpsg.nn.gan import adam, new_critic, new_generator, sample_generator, update_average
 from fedpsg.runs.folder import PartyError, PartyUnavailable, RunFolder
 from fedpsg.runs.results import XAxis, markdown_report, plot_accuracy, write_summary
 from fedpsg.runs.retry import send_with_retries

@@ -21,8 +21,10 @@ Adding one (see ``fedpsg/methods/psg.py`` for a full example)::
         def steps(self, stage: PartyStage, config: MyConfig) -> int:
             ...                                      # progress units of one release
 
-        def release(self, stage: PartyStage, config: MyConfig, secret: SecretRandomness, progress: Progress) -> Release:
-            ...                                      # DP randomness from ``secret`` only
+        def release(
+            self, stage: PartyStage, config: MyConfig, plan: PrivacyRecord, secret: SecretRandomness, progress: Progress
+        ) -> Release:
+            ...                                      # at ``plan``'s noise; DP randomness from ``secret`` only
 
 Callers use ``run()``, which the base class owns: a fresh secret unless one is given, progress
 lines, and the checks that the release is of the declared kind and spends what ``plan`` said.
@@ -111,19 +113,31 @@ class Method(ABC):
         """How many progress steps one release takes (the ``progress`` given to ``release``)."""
 
     @abstractmethod
-    def release(self, stage: PartyStage, config: Any, secret: SecretRandomness, progress: Progress) -> Release:
-        """The method itself: compute the release from ``stage``, drawing all DP randomness from ``secret``."""
+    def release(
+        self, stage: PartyStage, config: Any, plan: PrivacyRecord, secret: SecretRandomness, progress: Progress
+    ) -> Release:
+        """The method itself: compute the release from ``stage`` with the mechanism ``plan`` describes
+        (what :meth:`plan` returned), drawing all DP randomness from ``secret``."""
 
     @final
-    def run(self, stage: PartyStage, config: Any, secret: SecretRandomness | None = None) -> Release:
+    def run(
+        self,
+        stage: PartyStage,
+        config: Any,
+        secret: SecretRandomness | None = None,
+        *,
+        planned: PrivacyRecord | None = None,
+    ) -> Release:
         """Run on the party's data; DP randomness from ``secret`` (default: fresh OS entropy).
 
-        A release that is not of the declared kind, or whose mechanism differs from ``plan``,
-        raises: it must not leave the party.
+        ``planned``: this stage's :meth:`plan`, when the caller has it already (the record the
+        party's ledger holds; calibrating the noise again would take seconds). A release that is
+        not of the declared kind, or whose mechanism differs from the plan, raises: it must not
+        leave the party.
         """
-        planned = self.plan(stage, config)
+        planned = planned if planned is not None else self.plan(stage, config)
         secret = secret if secret is not None else SecretRandomness.fresh(stage.device)
-        release = self.release(stage, config, secret, stage.progress(self.steps(stage, config)))
+        release = self.release(stage, config, planned, secret, stage.progress(self.steps(stage, config)))
         if self.releases == "synthetic" and (release.images is None or release.labels is None):
             raise RuntimeError(f"{self.name} declares a synthetic release but returned no images")
         if self.releases == "model" and release.model_state is None:

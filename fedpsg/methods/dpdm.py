@@ -211,7 +211,9 @@ class DPDM(Method):
     def steps(self, stage: PartyStage, config: DPDMConfig) -> int:
         return config.iterations
 
-    def release(self, stage: PartyStage, config: DPDMConfig, secret: SecretRandomness, progress: Progress) -> Release:
+    def release(
+        self, stage: PartyStage, config: DPDMConfig, plan: PrivacyRecord, secret: SecretRandomness, progress: Progress
+    ) -> Release:
         """Run DP distribution matching on the party's ``stage.data`` (only ``stage.classes``).
 
         ``stage.seed`` is public (networks, augmentation, synthetic initialisation); ``secret``
@@ -219,11 +221,10 @@ class DPDM(Method):
         (no noise). ``progress`` steps once per iteration.
         """
         data, classes, spec, device, seed = stage.data, stage.classes, stage.spec, stage.device, stage.seed
-        record = self.plan(stage, config)  # checks the classes
         sizes = _class_sizes(data, classes)
-        q = record.sample_rate
+        q = plan.sample_rate
         private = not math.isinf(stage.epsilon)
-        std = record.noise_multiplier * config.max_norm
+        std = plan.noise_multiplier * config.max_norm
 
         per_class = [data.images[data.labels == c].to(device) for c in classes]
         expected = [q * n for n in sizes]  # divisor of the noisy sum: fixed, so sensitivity is C / (q N_c)
@@ -271,4 +272,4 @@ class DPDM(Method):
             optimizer.step()
             progress.step()
 
-        return Release(record, images=syn_images.detach().cpu(), labels=syn_labels.cpu())
+        return Release(plan, images=syn_images.detach().cpu(), labels=syn_labels.cpu())

@@ -337,7 +337,9 @@ class DPMerf(Method):
     def steps(self, stage: PartyStage, config: DPMerfConfig) -> int:
         return config.generator_steps
 
-    def release(self, stage: PartyStage, config: DPMerfConfig, secret: SecretRandomness, progress: Progress) -> Release:
+    def release(
+        self, stage: PartyStage, config: DPMerfConfig, plan: PrivacyRecord, secret: SecretRandomness, progress: Progress
+    ) -> Release:
         """Release one DP mean embedding of the party's data; generate ``samples_per_class`` images per class.
 
         The images are normalised like the real data, with the original class ids as labels; the

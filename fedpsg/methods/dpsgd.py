@@ -125,7 +125,9 @@ class DPSGD(Method):
     def steps(self, stage: PartyStage, config: DPSGDConfig) -> int:
         return dpsgd_schedule(len(stage.data), config).steps
 
-    def release(self, stage: PartyStage, config: DPSGDConfig, secret: SecretRandomness, progress: Progress) -> Release:
+    def release(
+        self, stage: PartyStage, config: DPSGDConfig, plan: PrivacyRecord, secret: SecretRandomness, progress: Progress
+    ) -> Release:
         """Finetune (a copy of) ``stage.model`` on the party's data (real labels) with DP-SGD; release it.
 
         Which examples each batch holds and Opacus's noise come from ``secret``; there is no public
@@ -134,12 +136,11 @@ class DPSGD(Method):
         ``epsilon = inf`` runs non-private SGD with the same Poisson schedule (no clipping, no noise).
 
         Adjacency is add/remove-one of an example of the data (Poisson-subsampled Gaussian, as
-        in Opacus). The record holds what the accountant charges for the steps taken.
+        in Opacus); ``plan`` is what the accountant charges for the steps taken.
         """
         if stage.model is None:
             raise ValueError("DP-SGD finetunes the coordinator's model: the stage has none")
         data, device = stage.data, stage.device
-        record = self.plan(stage, config)  # before any training
         schedule = dpsgd_schedule(len(data), config)
         private = not math.isinf(stage.epsilon)
 
@@ -165,7 +166,7 @@ class DPSGD(Method):
                 module=model,
                 optimizer=optimizer,
                 data_loader=loader,
-                noise_multiplier=record.noise_multiplier,
+                noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=config.max_grad_norm,
                 poisson_sampling=True,
                 noise_generator=secret.noise,
@@ -198,4 +199,4 @@ class DPSGD(Method):
                     del p.summed_grad
             model.train(was_training)
 
-        return Release(record, model_state={k: v.detach().cpu() for k, v in model.state_dict().items()})
+        return Release(plan, model_state={k: v.detach().cpu() for k, v in model.state_dict().items()})

@@ -398,7 +398,9 @@ class GSWGAN(Method):
     def steps(self, stage: PartyStage, config: GSWGANConfig) -> int:
         return config.num_discriminators * config.pretrain_iterations + config.generator_iterations
 
-    def release(self, stage: PartyStage, config: GSWGANConfig, secret: SecretRandomness, progress: Progress) -> Release:
+    def release(
+        self, stage: PartyStage, config: GSWGANConfig, plan: PrivacyRecord, secret: SecretRandomness, progress: Progress
+    ) -> Release:
         """Train GS-WGAN on the party's data and sample ``config.released_per_class`` images per class.
 
         The images are normalised like the real data, with the original class ids.
@@ -407,13 +409,12 @@ class GSWGAN(Method):
         class_ids, indices = partition_class_indices(data, stage.classes)
         if data.images.shape[1] != 1:
             raise ValueError("GS-WGAN's networks take single-channel images")
-        record = self.plan(stage, config)
         pixels = spec.to_pixels(data.images).clamp(0, 1)  # the generator's sigmoid range
         generator = train_gswgan(
             pixels,
             indices,
             len(class_ids),
-            record=record,
+            record=plan,
             config=config,
             device=stage.device,
             seed=stage.seed,
@@ -423,4 +424,4 @@ class GSWGAN(Method):
         images, index_labels = sample_generator(
             generator, config.released_per_class, device=stage.device, seed=stage.seed + 2
         )
-        return Release(record, images=spec.normalise(images).float(), labels=class_ids[index_labels].long())
+        return Release(plan, images=spec.normalise(images).float(), labels=class_ids[index_labels].long())

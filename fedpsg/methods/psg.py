@@ -154,7 +154,9 @@ class PSG(Method):
     def steps(self, stage: PartyStage, config: PSGConfig) -> int:
         return config.iterations
 
-    def release(self, stage: PartyStage, config: PSGConfig, secret: SecretRandomness, progress: Progress) -> Release:
+    def release(
+        self, stage: PartyStage, config: PSGConfig, plan: PrivacyRecord, secret: SecretRandomness, progress: Progress
+    ) -> Release:
         """Algorithm 1 on the party's ``stage.data``; returns the DP synthetic set.
 
         ``stage.seed`` is public (network and image initialisation); ``secret`` draws the Poisson
@@ -164,8 +166,7 @@ class PSG(Method):
         network's inner-loop training uses them (see :func:`inner_training_set`).
         """
         spec, classes, seed, device, n = stage.spec, stage.classes, stage.seed, stage.device, len(stage.data)
-        record = self.plan(stage, config)
-        sample_rate = record.sample_rate
+        sample_rate = plan.sample_rate
         private = not math.isinf(stage.epsilon)
         real_images, real_labels = stage.data.images.to(device), stage.data.labels.to(device)
 
@@ -203,7 +204,7 @@ class PSG(Method):
                                 x,
                                 y,
                                 max_grad_norm=config.max_grad_norm,
-                                noise_multiplier=record.noise_multiplier,
+                                noise_multiplier=plan.noise_multiplier,
                                 expected_batch_size=sample_rate * n,
                                 generator=secret.noise,
                             )
@@ -233,4 +234,4 @@ class PSG(Method):
                         net_optimizer.step()
             progress.step()
 
-        return Release(record, images=syn_images.detach().cpu(), labels=syn_labels.cpu())
+        return Release(plan, images=syn_images.detach().cpu(), labels=syn_labels.cpu())
