@@ -24,7 +24,8 @@ from pathlib import Path
 
 from fedpsg.budget.policy import POLICY_ENV, STATE_DIR_ENV
 from fedpsg.runs.cli import add_run_arguments
-from fedpsg.runs.settings import format_epsilon, settings_from_run_config
+from fedpsg.runs.repeats import repeat_settings
+from fedpsg.runs.settings import format_epsilon, repeats_from_run_config, settings_from_run_config
 
 log = logging.getLogger("fedpsg.deploy")
 REPO = Path(__file__).resolve().parents[1]
@@ -282,6 +283,7 @@ def run_config_from_args(args: argparse.Namespace, out: Path, data_dir: str) -> 
         "reconnect-timeout": args.reconnect_timeout,
         "stage-retries": args.stage_retries,
         "set": " ".join(args.overrides) or None,
+        "repeats": args.repeats,
         "out": str(out),
         "data-dir": data_dir,
     }
@@ -303,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = str(Path(args.data_dir).resolve())
     values = run_config_from_args(args, out, data_dir)
     try:  # the same checks the ServerApp will make, before anything starts
-        settings_from_run_config(values)
+        repeat_settings(settings_from_run_config(values), repeats_from_run_config(values))
     except ValueError as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -12,7 +12,9 @@ config.json and run.log. In a federated GAN scenario (``kind: federated-gan``) a
 online at once and the ServerApp keeps the generator; results land in ``--out`` (default
 ``runs/<scenario>-<split>-<parties>p-eps<eps>``): results.csv, rounds.csv, privacy.json,
 summary.json, accuracy.png, report.md, grids/, checkpoints/, config.json and run.log. Re-running
-with the same ``--out`` resumes: finished stages and rounds are not redone.
+with the same ``--out`` resumes: finished stages and rounds are not redone. ``--repeats N`` runs N
+independent repetitions in ``<out>/repeat-<r>`` (own public seed, fresh party secrets, own virtual
+parties) and writes their means, 95% confidence intervals and paired differences in ``<out>``.
 
 The virtual parties live in ``<out>/parties/party-<p>``: each has its own policy (written by the
 simulation: its share of the data, the run's methods, each at most the run's epsilon, a lifetime
@@ -39,7 +41,9 @@ from fedpsg.federated_gan.config import (
 from fedpsg.federated_gan.config import KIND as FEDERATED_GAN
 from fedpsg.runs.cli import add_run_arguments, common_settings, positive_int, settings_from_args
 from fedpsg.runs.folder import ResumeMismatchError, check_resumable
+from fedpsg.runs.repeats import repeat_settings, run_repeats
 from fedpsg.runs.scenario import CONTINUAL, read_scenario, scenario_kind
+from fedpsg.runs.settings import RunSettings
 from fedpsg.simulation import TRUST_HELP, check_trust, simulate
 
 # Flags only one scenario kind reads: given for the other kind they are an error, not ignored.
@@ -47,6 +51,7 @@ ONLY_FOR = {
     CONTINUAL: ("--replay", "--stages", "--stage-timeout", "--reconnect-timeout", "--stage-retries"),
     FEDERATED_GAN: ("--parties", "--split", "--round-timeout"),
 }
+REPEATED_OUTPUTS = "results.csv, statistics.csv, summary.json, accuracy.png, report.md"
 OUTPUTS = {  # what the closing line points to
     CONTINUAL: "results.csv, summary.json, accuracy.png, report.md, grids/",
     FEDERATED_GAN: "results.csv, rounds.csv, privacy.json, summary.json, accuracy.png, grids/",
@@ -117,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         refuse_other_kinds_flags(parser, args, kind)
         runs = [federated_settings_from_args(args)] if kind == FEDERATED_GAN else settings_from_args(args)
         for settings in runs:
-            check_resumable(settings)
-            check_trust(settings, args.trust_coordinator)
+            for repetition in repeat_settings(settings, args.repeats):
+                check_resumable(repetition)
+                check_trust(repetition, args.trust_coordinator)
     except (ValueError, ResumeMismatchError) as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -127,14 +133,21 @@ def main(argv: list[str] | None = None) -> int:
     except DataNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for settings in runs:
+
+    def run_one(settings: RunSettings | FedGANSettings) -> bool:
         simulate(settings, args.ray_address, args.party_cpus, args.party_gpus, args.trust_coordinator)
         if not (settings.out / "DONE").exists():
             log = settings.out / "run.log"
             errors = [line for line in log.read_text().splitlines() if " ERROR " in line] if log.exists() else []
             print(f"error: the run did not complete; see {log}", *errors[-1:], sep="\n", file=sys.stderr)
+            return False
+        return True
+
+    for settings in runs:
+        if not run_repeats(settings, args.repeats, run_one):
             return 1
-        print(f"results in {settings.out}: {OUTPUTS[kind]}")
+        outputs = OUTPUTS[kind] if args.repeats == 1 else f"{REPEATED_OUTPUTS} (and each repeat-<r>/)"
+        print(f"results in {settings.out}: {outputs}")
     return 0
 
 

@@ -14,6 +14,7 @@
 #   --scenario S        SCENARIO (split_fmnist)      --eps E       EPS (10)
 #   --methods M         METHODS ("" = the scenario's) --profile P  PROFILE (cpu)
 #   --stages N          STAGES ("" = all)            --set "..."   SET (section.key=value ...)
+#   --repeats N         REPEATS (1): independent repetitions, each charged to the parties' ledgers
 #   --results DIR       RESULTS_DIR (./results); the run goes to DIR/RUN_NAME
 #   --run-name NAME     RUN_NAME (default: the scenario). A folder that holds a finished or
 #                       interrupted run with the same settings is resumed; other settings are refused
@@ -48,6 +49,7 @@ while [ $# -gt 0 ]; do
     --profile) export PROFILE="$2"; shift ;;
     --stages) export STAGES="$2"; shift ;;
     --set) export SET="$2"; shift ;;
+    --repeats) export REPEATS="$2"; shift ;;
     --results) RESULTS_DIR="$(from_caller "$2")"; shift ;;
     --run-name) export RUN_NAME="$2"; shift ;;
     --data) data="$(from_caller "$2")"; shift ;;

@@ -19,7 +19,8 @@ from fedpsg.federated_gan.config import FedGANSettings
 from fedpsg.federated_gan.coordinator import FedGANRun
 from fedpsg.methods import Release
 from fedpsg.runs.folder import PartyError, PartyUnavailable
-from fedpsg.runs.settings import RunSettings, settings_from_run_config
+from fedpsg.runs.repeats import run_repeats
+from fedpsg.runs.settings import RunSettings, repeats_from_run_config, settings_from_run_config
 
 log = logging.getLogger("fedpsg.server")
 
@@ -113,11 +114,20 @@ def make_server_app(settings: RunSettings | FedGANSettings | None = None) -> Ser
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_settings = settings or settings_from_run_config(dict(context.run_config))
-        if isinstance(run_settings, FedGANSettings):
-            FedGANRun(run_settings).run(GridParties(grid))
-        else:
-            Coordinator(run_settings).run(GridParties(grid))
+        config = dict(context.run_config)
+        run_settings = settings or settings_from_run_config(config)
+        # A simulation runs each repetition as a simulation of its own (fedpsg.simulate --repeats).
+        repeats = 1 if settings is not None else repeats_from_run_config(config)
+        parties = GridParties(grid)
+
+        def run_one(repetition: RunSettings | FedGANSettings) -> bool:
+            if isinstance(repetition, FedGANSettings):
+                FedGANRun(repetition).run(parties)
+            else:
+                Coordinator(repetition).run(parties)
+            return True  # a run that does not complete raises
+
+        run_repeats(run_settings, repeats, run_one)
 
     return app
 

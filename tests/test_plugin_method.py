@@ -109,7 +109,9 @@ def test_toy_method_runs_through_the_flower_simulation(tmp_path, data_dir):
     frame = pd.read_csv(tmp_path / "results.csv")
     assert frame["method"].tolist() == ["toy", "toy"] and frame["stage"].tolist() == [1, 2]
     assert json.loads((tmp_path / "summary.json").read_text())["final_accuracy"]["toy"] > 0.5
-    assert "[party 1] toy stage 2" in result.stdout + result.stderr  # progress from inside the Ray actor
+    output = result.stdout + result.stderr
+    assert "[party 1] toy stage 2" in output  # progress from inside the Ray actor
+    assert f"thread(s) at nice {os.nice(0)}" in output  # Ray's workers at the driver's priority, not at 15
 
 
 # ---- what the base class's run() lets out -------------------------------------------------------

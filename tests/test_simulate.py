@@ -95,6 +95,7 @@ BAD = [
     (["--profile", "gpu-xl"], "--profile"),
     (["--replay", "sometimes"], "--replay"),
     (["--device", "tpu"], "device"),
+    (["--repeats", "0"], "--repeats"),
 ]
 
 

@@ -246,9 +246,7 @@ class Coordinator:
         rows = self.rows()
         if not rows:
             return
-        eps = self.settings.epsilon
-        title = f"{self.settings.scenario.name}: ε={format_epsilon(eps).replace('inf', '∞')}, δ={self.settings.delta:g}"
-        frame = write_results(rows, self.out, title)
+        frame = write_results(rows, self.out, self.settings.title, self.settings.method_labels)
         extra = {"stages": frame.to_dict(orient="records"), "profile": self.settings.profile}
         write_summary(frame, self.out, "stage", self.settings.identity(), extra)
         for method in self.settings.methods:

@@ -8,8 +8,11 @@ before it is computed. The coordinator's request only proposes.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from fedpsg.budget.charge import charged_run
 from fedpsg.budget.ledger import Ledger
@@ -50,7 +53,8 @@ def run_stage(
     spec = dataset_spec(request.dataset)
     data = load_images(request.dataset, train=True, data_dir=data_dir).only_classes(request.classes)
     label = f"[{who}] {what}"
-    print(f"{label}: {len(data)} private images of classes {request.classes}", flush=True)
+    threads = f"{torch.get_num_threads()} thread(s) at nice {os.nice(0)}"
+    print(f"{label}: {len(data)} private images of classes {request.classes}; {threads}", flush=True)
     model = new_classifier(spec, EvalConfig(**request.architecture))
     model.load_state_dict(request.model_state)
     stage = PartyStage(

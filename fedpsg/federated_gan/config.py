@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from fedpsg.data.datasets import dataset_spec
 from fedpsg.dp.accounting import validate_budget
@@ -19,6 +19,7 @@ from fedpsg.runs.settings import apply_overrides, format_epsilon, override_secti
 
 KIND = "federated-gan"
 METHODS = ("fed-gswgan", "fedavg-gan")
+LABELS = {"fed-gswgan": "Fed-GS-WGAN (user-level DP)", "fedavg-gan": "FedAvg-GAN (non-private)"}
 SPLITS = ("iid", "by-class")
 DEFAULT_ROUND_TIMEOUT = 600.0  # seconds to wait for a round's replies
 GAN, EVALUATION = "gan", "evaluation"
@@ -150,6 +151,17 @@ class FedGANSettings:
     @property
     def num_partitions(self) -> int:
         return self.scenario.parties
+
+    results_axis: ClassVar[str] = "round"  # results.csv's x column
+
+    @property
+    def title(self) -> str:
+        """The run's reports' and plots' title."""
+        return f"{self.scenario.name}: {self.num_partitions} parties, {self.scenario.split}"
+
+    @property
+    def method_labels(self) -> dict[str, str]:
+        return {m: LABELS[m] for m in self.methods}
 
     @property
     def parties_per_round(self) -> int:

@@ -57,7 +57,6 @@ from fedpsg.runs.retry import send_with_retries
 log = logging.getLogger("fedpsg.federated_gan")
 
 MESSAGE_TYPES = {"fed-gswgan": "train.fed_gswgan", "fedavg-gan": "train.fedavg_gan"}
-LABELS = {"fed-gswgan": "Fed-GS-WGAN (user-level DP)", "fedavg-gan": "FedAvg-GAN (non-private)"}
 
 
 class FedGANParties(Protocol):
@@ -340,11 +339,16 @@ class FedGANRun:
             "wall_seconds": {m: round(s.seconds, 1) for m, s in states.items()},
         }
         write_summary(evaluations, self.out, "round", self.settings.identity(), extra)
-        title = f"{self.settings.scenario.name}: {self.settings.num_partitions} parties, {self.settings.scenario.split}"
+        title = self.settings.title
         write_text_atomically(self.out / "report.md", markdown_report(title, evaluations))
         if len(evaluations):
             axes = [XAxis("round", "round"), XAxis("bytes_total", "bytes exchanged so far, all parties", log=True)]
             plot_accuracy(
-                evaluations, self.out / "accuracy.png", title, axes, "accuracy on real test images (%)", LABELS
+                evaluations,
+                self.out / "accuracy.png",
+                title,
+                axes,
+                "accuracy on real test images (%)",
+                self.settings.method_labels,
             )
         return evaluations

@@ -99,6 +99,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(method_names())}")
     parser.add_argument("--replay", choices=REPLAY_MODES, default=None)
     parser.add_argument("--out", default=None, help="output folder (re-use it to resume)")
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=1,
+        help="independent repetitions (fresh party secrets, a public seed each) in <out>/repeat-<r>; "
+        "<out> gets their means and 95%% confidence intervals",
+    )
     parser.add_argument("--stages", type=positive_int, default=None, help="run only the first N stages")
     parser.add_argument(
         "--stage-timeout", type=float, default=DEFAULT_STAGE_TIMEOUT, help="seconds to wait for a party"

@@ -14,7 +14,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from fedpsg.io.files import write_csv, write_json, write_text_atomically  # noqa: E402
-from fedpsg.methods import get_method  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -27,14 +26,13 @@ class XAxis:
     tick_every_value: bool = False  # a tick at each value (stages), not matplotlib's choice
 
 
-def write_results(rows: list[dict], out: Path, title: str) -> pd.DataFrame:
+def write_results(rows: list[dict], out: Path, title: str, labels: Mapping[str, str]) -> pd.DataFrame:
     """results.csv, accuracy.png and report.md from the per-stage rows (one per method x stage)."""
     frame = pd.DataFrame(rows).sort_values(["method", "stage"]).reset_index(drop=True)
     stage_columns = sorted((c for c in frame.columns if c.startswith("acc_stage")), key=lambda c: int(c[9:]))
     leading = ["method", "stage", "classes", "accuracy", "accuracy_std", *stage_columns]
     frame = frame[leading + [c for c in frame.columns if c not in leading]]
     write_csv(out / "results.csv", frame)
-    labels = {m: get_method(m).label for m in frame["method"].unique()}
     stage = XAxis("stage", "training stage", tick_every_value=True)
     plot_accuracy(frame, out / "accuracy.png", title, [stage], "average accuracy over seen classes (%)", labels)
     note = "Average accuracy (%) over the classes seen so far."
@@ -46,14 +44,18 @@ def plot_accuracy(
     frame: pd.DataFrame, path: Path, title: str, axes: Sequence[XAxis], ylabel: str, labels: Mapping[str, str]
 ) -> None:
     """Accuracy (%) against each of ``axes`` (a panel each): a curve per method, named
-    ``labels[method]``, with error bars where the frame has an ``accuracy_std``."""
+    ``labels[method]``, with a confidence band where the frame has ``ci_low``/``ci_high``
+    (repetitions), else error bars where it has an ``accuracy_std``."""
     fig, panels = plt.subplots(1, len(axes), figsize=(0.5 + 4.5 * len(axes), 3.6), squeeze=False)
     for panel, axis in zip(panels[0], axes):
         for method, group in frame.groupby("method", sort=False):
+            label, at = labels.get(method, method), group[axis.column]
+            if "ci_low" in group:
+                (line,) = panel.plot(at, 100 * group["accuracy"], marker="o", label=label)
+                panel.fill_between(at, 100 * group["ci_low"], 100 * group["ci_high"], color=line.get_color(), alpha=0.2)
+                continue
             std = 100 * group["accuracy_std"] if "accuracy_std" in group else None
-            panel.errorbar(
-                group[axis.column], 100 * group["accuracy"], yerr=std, marker="o", capsize=3, label=labels[method]
-            )
+            panel.errorbar(at, 100 * group["accuracy"], yerr=std, marker="o", capsize=3, label=label)
         if axis.tick_every_value:
             panel.set_xticks(sorted(frame[axis.column].unique()))
         if axis.log:

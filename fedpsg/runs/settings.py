@@ -22,7 +22,7 @@ import typing
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import yaml
@@ -215,6 +215,17 @@ class RunSettings:
     def num_partitions(self) -> int:
         return len(self.scenario.stages)
 
+    results_axis: ClassVar[str] = "stage"  # results.csv's x column
+
+    @property
+    def title(self) -> str:
+        """The run's reports' and plots' title."""
+        return f"{self.scenario.name}: ε={format_epsilon(self.epsilon).replace('inf', '∞')}, δ={self.delta:g}"
+
+    @property
+    def method_labels(self) -> dict[str, str]:
+        return {m: get_method(m).label for m in self.methods}
+
     def identity(self) -> dict:
         """What identifies the run's results: a resumed run must match it.
 
@@ -305,8 +316,17 @@ def resolve_settings(
 # Keys of ``[tool.flwr.app.config]`` / ``flwr run --run-config``: the flags of fedpsg.simulate.
 RUN_CONFIG_KEYS = (
     "scenario", "eps", "delta", "spc", "methods", "profile", "replay", "seed", "stages", "device", "out",
-    "data-dir", "stage-timeout", "reconnect-timeout", "stage-retries", "set",
+    "data-dir", "stage-timeout", "reconnect-timeout", "stage-retries", "set", "repeats",
 )  # fmt: skip
+
+
+def repeats_from_run_config(config: Mapping[str, Any]) -> int:
+    """The run config's ``repeats`` (1 if absent or "")."""
+    value = config.get("repeats")
+    repeats = 1 if value in ("", None) else int(value)
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {value}")
+    return repeats
 
 
 def settings_from_run_config(config: Mapping[str, Any]) -> RunSettings:
