@@ -4,7 +4,7 @@ The authors' code (DingfanChen/Private-Set, ``continual_learning/main_ours.py``)
 0.15; both live in folders of your own, nothing of theirs is copied into this repository::
 
     git clone https://github.com/DingfanChen/Private-Set /path/Private-Set
-    pip install --no-deps --target /path/opacus015 opacus==0.15.0
+    pip install --no-deps --target /path/opacus015 opacus==0.15.0 progress  # progress: their baselines
 
 Then, for each repeat (each side draws fresh randomness; the authors' code reseeds its networks
 from the clock)::
@@ -263,9 +263,13 @@ def _fedpsg_protocol(folder: Path, side: dict, stages: list[int], data_dir: str 
     return accuracies
 
 
-def _authors_protocol(folder: Path, side: dict, stages: list[int], args: argparse.Namespace) -> list[float]:
+def _authors_protocol(
+    folder: Path, side: dict, stages: list[int], args: argparse.Namespace, epochs: int = 1000
+) -> list[float]:
+    """Their ``evaluate_synset`` (``epochs``: 1000 for PSG's sets, as their main_ours.py) on each stage's set."""
     checkout = Path(args.checkout).resolve()
     job = {
+        "epochs": epochs,
         "folder": str(folder.resolve()),
         "dataset": AUTHORS_NAMES[side["dataset"]],
         "data_root": str(_data_root(args.data_dir, side["dataset"])),
@@ -301,7 +305,7 @@ def _authors_evaluation(job: dict) -> None:
     )
     order = [c for classes in job["stages"] for c in classes]
     args = argparse.Namespace(
-        device="cpu", lr_net=job["lr_net"], batch_train=256, dsa=False, epoch_eval_train=1000,
+        device="cpu", lr_net=job["lr_net"], batch_train=256, dsa=False, epoch_eval_train=job["epochs"],
         dc_aug_param=utils.misc.get_daparam(job["dataset"], "ConvNet", "ConvNet", job["spc"]),
     )  # fmt: skip
     targets = np.asarray(dst_test.targets)
@@ -345,7 +349,7 @@ def evaluate(args: argparse.Namespace) -> None:
             done_path.write_text(json.dumps(done, indent=1))
         for stage, (a, b) in sorted(done.items(), key=lambda item: int(item[0])):
             rows.append(
-                {"run": folder.name, "side": side["side"], "stage": int(stage), "fedpsg_eval": a, "authors_eval": b}
+                {"run": folder.name, "side": variant(side), "stage": int(stage), "fedpsg_eval": a, "authors_eval": b}
             )
         print(folder.name, side["side"], {k: [round(100 * v, 1) for v in pair] for k, pair in done.items()})
     import pandas as pd
@@ -356,6 +360,12 @@ def evaluate(args: argparse.Namespace) -> None:
     table = comparison_table(frame)
     (target / "comparison.md").write_text(table)
     print(table)
+
+
+def variant(side: dict) -> str:
+    """A side and its factor: runs with the same overrides are repeats of one another."""
+    overrides = " ".join(side.get("overrides") or [])
+    return f"{side['side']} {overrides}" if overrides else side["side"]
 
 
 def comparison_table(frame) -> str:
