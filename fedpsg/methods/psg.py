@@ -54,7 +54,10 @@ class PSGConfig:
     model: str = "convnet"
     width: int = 128
     depth: int = 3
-    init: str = "kaiming"  # of the matching networks: "kaiming", or "torch" (PyTorch's default, the authors')
+    # Of the matching networks: PyTorch's layer defaults, as in the authors' code, or "kaiming".
+    # Beside their code (split MNIST, cpu profile, stage 5) Kaiming-uniform trailed it by 1.5-1.7
+    # points and PyTorch's defaults lead it by 1.7-2.3 (BENCHMARKS.md).
+    init: str = "torch"
     # The authors' continual protocol: between outer iterations the network trains on every set
     # the party holds (earlier stages' DP sets, its own, N(0,1) placeholders for classes not yet
     # seen), not only on its own set; off = train on its own set only.
@@ -131,6 +134,7 @@ class PSG(Method):
             width=16,
             lr_images=1.0,
             inner_on_all_sets=False,
+            init="kaiming",  # the tests' accuracy margins were measured over secrets with it
         ),
     }
     evaluation = SMALL_SET_EVALUATION
