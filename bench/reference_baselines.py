@@ -41,20 +41,12 @@ from reference_psg import (
     _authors_environment,
     _authors_protocol,
     _data_root,
+    _settings,
     comparison_table,
 )
 
 SCRIPTS = {"dpsgd": "main_dpsgd", "dpmerf": "main_dpmerf"}
 DPMERF_EVALUATION_EPOCHS = 60  # main_dpmerf.py's evaluation (with its augmentation)
-
-
-def _settings(args: argparse.Namespace, out: Path):
-    from fedpsg.runs.settings import resolve_settings
-
-    return resolve_settings(
-        SCENARIOS[args.dataset], epsilon=args.eps, profile=args.profile, seed=args.seed, out=out,
-        methods=[args.method], data_dir=args.data_dir, overrides=args.overrides,
-    )  # fmt: skip
 
 
 def _write_side(out: Path, side: str, args: argparse.Namespace, settings) -> None:
@@ -108,7 +100,7 @@ def _differences(method: str, config) -> dict:
 
 def run_authors(args: argparse.Namespace) -> None:
     out = Path(args.out).resolve()
-    settings = _settings(args, out)
+    settings = _settings(args, out, args.method)
     _write_side(out, "authors", args, settings)
     config, evaluation = settings.configs[args.method], settings.evaluations[args.method]
     for name, (ours, theirs) in _differences(args.method, config).items():
@@ -184,7 +176,7 @@ def run_fedpsg(args: argparse.Namespace) -> None:
     from fedpsg.continual.local import LocalParties
 
     out = Path(args.out).resolve()
-    settings = _settings(args, out)
+    settings = _settings(args, out, args.method)
     _write_side(out, "fedpsg", args, settings)
     Coordinator(settings).run(LocalParties(args.data_dir, state_dir=out / "parties"))
     _collect_fedpsg(out)

@@ -36,7 +36,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -49,19 +49,21 @@ SCENARIOS = {"mnist": "split_mnist", "fmnist": "split_fmnist"}
 SIDE_FILE = "side.json"  # what made a run folder: side, dataset, profile, settings
 
 
-def _settings(args: argparse.Namespace, out: Path):
+def _settings(args: argparse.Namespace, out: Path, method: str = "psg"):
     from fedpsg.runs.settings import resolve_settings
 
-    return resolve_settings(
+    settings = resolve_settings(
         SCENARIOS[args.dataset],
         epsilon=args.eps,
         profile=args.profile,
         seed=args.seed,
         out=out,
-        methods=["psg"],
+        methods=[method],
         data_dir=args.data_dir,
         overrides=args.overrides,
     )
+    # The authors' parties hold every training image of their classes: no validation hold-out here.
+    return replace(settings, scenario=replace(settings.scenario, validation_per_class=0))
 
 
 def _write_side(out: Path, side: str, args: argparse.Namespace, settings) -> None:

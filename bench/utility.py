@@ -8,11 +8,19 @@ Every point runs one registered method on one party holding every class of the d
 (spc images per class, the method's ``cpu`` profile plus the point's ``--set`` overrides),
 then trains fresh classifiers on what it released, with the method's own ``cpu`` evaluation
 (what the federated run uses: 300 epochs for a 10-per-class set, 40 for a generator's hundreds
-per class), and tests them on the real test set. Writes ``utility.csv`` (one row per
-point: method, dataset, eps, overrides, generation wall seconds, generation CPU seconds,
-accuracy mean/std) and ``utility.png`` (accuracy vs generation seconds, one panel per dataset
-and eps, with the published figures as reference lines). Run it on a quiet machine: it prints
-the load average next to each point.
+per class; a fixed number of epochs, no classifier or epoch is picked), and tests them on the
+**validation split**: the evaluator's 500 training images per class that no party holds
+(``fedpsg.data.datasets.load_split``). The party holds the rest of the training split.
+
+Selection never sees the test images: once every point of a (method, dataset, eps) group is
+done, the point with the best validation accuracy is chosen, and only that point's release is
+tested on the test split (fresh classifiers, same seeds). Writes ``utility.csv`` (one row per
+point: method, dataset, eps, overrides, generation wall / CPU seconds, validation accuracy
+mean/std, and, on the chosen row only, the test accuracy), ``releases/`` (each point's DP
+release, so that the chosen one can be tested) and ``utility.png`` (validation accuracy vs
+generation seconds, one panel per dataset and eps, the chosen point's test accuracy as a star,
+the published test figures as reference lines). Run it on a quiet machine: it prints the load
+average next to each point.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
-from fedpsg.data.datasets import ImageSet, dataset_spec, load_images  # noqa: E402
+from fedpsg.data.datasets import DEFAULT_VALIDATION_PER_CLASS, ImageSet, dataset_spec, load_split  # noqa: E402
 from fedpsg.methods import PartyStage, get_method, method_names  # noqa: E402
 from fedpsg.nn.evaluation import evaluate_training_set, new_classifier  # noqa: E402
 from fedpsg.runs.settings import method_sections, method_settings, parse_overrides, split_sections  # noqa: E402
@@ -73,16 +81,32 @@ def parse_grid(text: str | None) -> dict[str, list[str]]:
     return grid
 
 
+def _evaluation(method_name: str, overrides: str, spc: int):
+    sections = split_sections(parse_overrides(overrides), method_sections([method_name]))
+    return method_settings(method_name, "cpu", sections, spc)
+
+
+def _split(dataset: str, split: str, data_dir: str | None) -> ImageSet:
+    return load_split(dataset, split, validation_per_class=DEFAULT_VALIDATION_PER_CLASS, data_dir=data_dir)
+
+
 def run_point(
-    method_name: str, overrides: str, dataset: str, epsilon: float, spc: int, data_dir: str | None, seed: int
+    method_name: str,
+    overrides: str,
+    dataset: str,
+    epsilon: float,
+    spc: int,
+    data_dir: str | None,
+    seed: int,
+    release_path: Path,
 ) -> dict:
+    """Generate on the private split, save the release, score it on the validation split."""
     method = get_method(method_name)
     spec = dataset_spec(dataset)
     classes = list(range(spec.num_classes))
-    sections = split_sections(parse_overrides(overrides), method_sections([method_name]))
-    config, evaluation = method_settings(method_name, "cpu", sections, spc)
-    train = load_images(dataset, train=True, data_dir=data_dir)
-    test = load_images(dataset, train=False, data_dir=data_dir)
+    config, evaluation = _evaluation(method_name, overrides, spc)
+    train = _split(dataset, "private", data_dir)
+    validation = _split(dataset, "validation", data_dir)
     stage = PartyStage(
         data=train,
         classes=classes,
@@ -100,7 +124,9 @@ def run_point(
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     if release.images is None:  # a model release has no set to train on: test the model itself
         raise ValueError(f"{method_name} releases a model, not a synthetic set; the benchmark compares synthesizers")
-    result = evaluate_training_set(ImageSet(release.images, release.labels), test, spec, evaluation, seed=seed)
+    release_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"images": release.images, "labels": release.labels}, release_path)
+    result = evaluate_training_set(ImageSet(release.images, release.labels), validation, spec, evaluation, seed=seed)
     return {
         "method": method_name,
         "dataset": dataset,
@@ -108,11 +134,27 @@ def run_point(
         "overrides": overrides,
         "generation_seconds": round(wall, 1),
         "generation_cpu_seconds": round(cpu, 1),
-        "accuracy": round(100 * result.mean, 2),
-        "accuracy_std": round(100 * result.std, 2),
+        "validation_accuracy": round(100 * result.mean, 2),
+        "validation_std": round(100 * result.std, 2),
+        "test_accuracy": "",  # the chosen row's only (choose_and_test)
+        "test_std": "",
         "images": len(release.labels),
+        "release": release_path.name,
         "load_average": round(os.getloadavg()[0], 2),
     }
+
+
+def choose_and_test(rows: list[dict], spc: int, data_dir: str | None, seed: int, releases: Path) -> dict:
+    """The rows of one (method, dataset, eps) group: mark the best on validation, test it alone."""
+    chosen = max(rows, key=lambda row: row["validation_accuracy"])
+    spec = dataset_spec(chosen["dataset"])
+    _, evaluation = _evaluation(chosen["method"], chosen["overrides"], spc)
+    saved = torch.load(releases / chosen["release"])
+    test = _split(chosen["dataset"], "test", data_dir)
+    result = evaluate_training_set(ImageSet(saved["images"], saved["labels"]), test, spec, evaluation, seed=seed)
+    chosen["test_accuracy"] = round(100 * result.mean, 2)
+    chosen["test_std"] = round(100 * result.std, 2)
+    return chosen
 
 
 # The setting each method's curve runs along; points that differ in anything else are other curves.
@@ -131,7 +173,7 @@ def plot(rows: list[dict], path: Path) -> None:
     curves: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
     for r in rows:
         key = (r["dataset"], r["eps"], r["method"], _series(r["method"], r["overrides"]))
-        curves[key].append((r["generation_seconds"], r["accuracy"]))
+        curves[key].append((r["generation_seconds"], r["validation_accuracy"]))
     panels = sorted({(dataset, eps) for dataset, eps, _, _ in curves})
     # A method keeps its colour in every panel; its other series differ by marker.
     colours = {m: f"C{i}" for i, m in enumerate(sorted({m for _, _, m, _ in curves}))}
@@ -143,6 +185,9 @@ def plot(rows: list[dict], path: Path) -> None:
             if (curve_dataset, curve_eps) == panel:
                 label = get_method(method).label + (f" [{series}]" if series else "")
                 ax.plot(*zip(*sorted(points)), color=colours[method], marker=markers[series], label=label)
+        for r in rows:
+            if (r["dataset"], r["eps"]) == panel and r["test_accuracy"] != "":
+                ax.plot(r["generation_seconds"], r["test_accuracy"], "*", markersize=11, color=colours[r["method"]])
         for name, value in PUBLISHED.get((dataset, eps), {}).items():
             ax.axhline(value, linestyle="--", linewidth=1, color="grey")
             ax.text(0.01, value, name, fontsize=7, color="grey", va="bottom", transform=ax.get_yaxis_transform())
@@ -152,7 +197,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("generation wall time on this machine (s, log scale)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel("validation accuracy (%); star: chosen, on test")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -177,31 +222,69 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods or [m for m in grid if m in method_names()]
     args.out.mkdir(parents=True, exist_ok=True)
     table = args.out / "utility.csv"
-    rows = list(csv.DictReader(table.open())) if table.exists() else []
-    for row in rows:  # resume: finished points are kept
-        for key in ("eps", "generation_seconds", "generation_cpu_seconds", "accuracy", "accuracy_std"):
-            row[key] = float(row[key])
-    done = {(r["method"], r["dataset"], r["eps"], r["overrides"]) for r in rows}
+    rows = read_rows(table)
+    releases = args.out / "releases"
+
+    def save() -> None:
+        with table.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[-1]))
+            writer.writeheader()
+            writer.writerows(rows)
+        plot(rows, args.out / "utility.png")
+
     for dataset in args.datasets:
         for epsilon in args.eps:
             for method in methods:
+                grown = False
                 for overrides in grid.get(method, [""]):
-                    if (method, dataset, epsilon, overrides) in done:
-                        continue
-                    row = run_point(method, overrides, dataset, epsilon, args.spc, args.data_dir, args.seed)
+                    if any(_key(r) == (method, dataset, epsilon, overrides) for r in rows):
+                        continue  # resume: finished points are kept
+                    grown = True
+                    release_path = releases / f"{len(rows):04d}-{method}-{dataset}-eps{epsilon:g}.pt"
+                    row = run_point(
+                        method, overrides, dataset, epsilon, args.spc, args.data_dir, args.seed, release_path
+                    )
                     rows.append(row)
                     print(
-                        f"{method:7s} {dataset:6s} eps={epsilon:<4g} [{overrides}] {row['accuracy']:.1f}% "
-                        f"in {row['generation_seconds']:.0f} s (load {row['load_average']})",
+                        f"{method:7s} {dataset:6s} eps={epsilon:<4g} [{overrides}] validation "
+                        f"{row['validation_accuracy']:.1f}% in {row['generation_seconds']:.0f} s "
+                        f"(load {row['load_average']})",
                         flush=True,
                     )
-                    with table.open("w", newline="") as handle:
-                        writer = csv.DictWriter(handle, fieldnames=list(rows[-1]))
-                        writer.writeheader()
-                        writer.writerows(rows)
-                    plot(rows, args.out / "utility.png")
+                    save()
+                group = [r for r in rows if _key(r)[:3] == (method, dataset, epsilon)]
+                if not grown and any(r["test_accuracy"] != "" for r in group):
+                    continue  # chosen and tested by an earlier call
+                for row in group:  # a grown group chooses again
+                    row["test_accuracy"] = row["test_std"] = ""
+                chosen = choose_and_test(group, args.spc, args.data_dir, args.seed, releases)
+                print(
+                    f"{method:7s} {dataset:6s} eps={epsilon:<4g} chosen on validation: [{chosen['overrides']}] "
+                    f"validation {chosen['validation_accuracy']:.1f}%, test {chosen['test_accuracy']:.1f}%",
+                    flush=True,
+                )
+                save()
     print(f"wrote {table} and {args.out / 'utility.png'}")
     return 0
+
+
+def _key(row: dict) -> tuple:
+    return row["method"], row["dataset"], row["eps"], row["overrides"]
+
+
+def read_rows(table: Path) -> list[dict]:
+    """Finished points of an earlier call (resume)."""
+    if not table.exists():
+        return []
+    rows = list(csv.DictReader(table.open()))
+    if rows and "validation_accuracy" not in rows[0]:
+        raise SystemExit(f"{table} was written before selection moved to the validation split; use a new --out")
+    for row in rows:
+        for key in ("eps", "generation_seconds", "generation_cpu_seconds", "validation_accuracy", "validation_std"):
+            row[key] = float(row[key])
+        for key in ("test_accuracy", "test_std"):
+            row[key] = float(row[key]) if row[key] != "" else ""
+    return rows
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 from fedpsg.budget.charge import charged_run
 from fedpsg.budget.ledger import Ledger
 from fedpsg.budget.policy import Refused, default_state_dir, load_policy
-from fedpsg.data.datasets import DataNotFoundError, ImageSet, load_images
+from fedpsg.data.datasets import DEFAULT_VALIDATION_PER_CLASS, DataNotFoundError, ImageSet, load_split
 from fedpsg.data.synthetic import save_grid
 from fedpsg.io.files import save_atomically, write_json
 from fedpsg.methods import PartyStage, method_names
@@ -77,8 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     try:
-        train = load_images(spec.name, train=True, data_dir=args.data_dir).only_classes(classes)
-        test = load_images(spec.name, train=False, data_dir=args.data_dir).only_classes(classes)
+        # The party's images: the training split less the evaluator's validation hold-out, as in a run.
+        splits = {
+            split: load_split(
+                spec.name, split, validation_per_class=DEFAULT_VALIDATION_PER_CLASS, data_dir=args.data_dir
+            ).only_classes(classes)
+            for split in ("private", "test")
+        }
+        train, test = splits["private"], splits["test"]
     except DataNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

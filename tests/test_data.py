@@ -7,6 +7,7 @@ from fedpsg.data.datasets import (
     DataNotFoundError,
     dataset_spec,
     load_images,
+    load_split,
     stage_classes,
     validate_classes,
 )
@@ -38,6 +39,29 @@ def test_partitions_hold_only_their_classes_and_are_disjoint(name, data_dir):
     for i in range(len(fingerprints)):
         for j in range(i + 1, len(fingerprints)):
             assert not (fingerprints[i] & fingerprints[j]) or len(fingerprints[i] & fingerprints[j]) < 3
+
+
+def test_validation_split_is_balanced_disjoint_from_the_private_split_and_fixed(data_dir):
+    train = load_images("mnist", train=True, data_dir=data_dir)
+    private = load_split("mnist", "private", validation_per_class=500, data_dir=data_dir)
+    validation = load_split("mnist", "validation", validation_per_class=500, data_dir=data_dir)
+    assert torch.equal(validation.labels.bincount(), torch.full((10,), 500))
+    assert torch.equal(private.labels.bincount() + validation.labels.bincount(), train.labels.bincount())
+
+    def fingerprints(images: torch.Tensor) -> list[float]:
+        return sorted((images.flatten(1) * torch.arange(784.0)).sum(1).tolist())
+
+    # Together exactly the training split (as a multiset of images), so disjoint; not a class block.
+    assert fingerprints(torch.cat([private.images, validation.images])) == fingerprints(train.images)
+    assert not torch.equal(validation.images[validation.labels == 0], train.images[train.labels == 0][:500])
+    again = load_split("mnist", "validation", validation_per_class=500, data_dir=data_dir)
+    assert torch.equal(again.images, validation.images)  # a public, fixed draw: every party agrees
+    test = load_split("mnist", "test", validation_per_class=500, data_dir=data_dir)
+    assert len(test) == 10000
+    with pytest.raises(ValueError, match="cannot hold out"):
+        load_split("mnist", "private", validation_per_class=6000, data_dir=data_dir)
+    with pytest.raises(ValueError, match="split must be"):
+        load_split("mnist", "train", validation_per_class=500, data_dir=data_dir)
 
 
 def test_bad_splits_and_classes_rejected():

@@ -69,6 +69,6 @@ def test_a_stage_sent_to_a_gone_node_is_retryable_and_names_the_stage(monkeypatc
     patch_task_identity(monkeypatch)
     parties = GridParties(NodeGoneGrid(data_dir), poll=0.01)
     parties.nodes = {1: 1001}
-    request = TrainRequest("psg", 3, 1, "fmnist", [1, 2], 10.0, 1e-5, 0, {}, {}, {"model": "convnet"})
+    request = TrainRequest("psg", 3, 1, "fmnist", 0, [1, 2], 10.0, 1e-5, 0, {}, {}, {"model": "convnet"})
     with pytest.raises(PartyUnavailable, match=r"^stage 3 \(psg, partition 1\): the party failed"):
         parties.send(request, timeout=5.0)

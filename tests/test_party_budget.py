@@ -52,7 +52,9 @@ ONE_RUN = PartyPolicy(epsilon=10.0, delta=1e-5, max_run_epsilon=10.0, dataset="m
 def stage_request(epsilon=10.0, delta=1e-5, method="dpmerf", classes=(5, 6), stage=1) -> TrainRequest:
     model = new_classifier(dataset_spec("mnist"), EVAL, seed=0).state_dict()
     config = asdict(DPMERF) if method == "dpmerf" else asdict(get_method(method).presets["tiny"])
-    return TrainRequest(method, stage, 0, "mnist", list(classes), epsilon, delta, 0, config, model, EVAL.architecture)
+    return TrainRequest(
+        method, stage, 0, "mnist", 0, list(classes), epsilon, delta, 0, config, model, EVAL.architecture
+    )
 
 
 def round_request(run_id="run-a", round_index=0, epsilon=10.0, split="iid") -> RoundRequest:
@@ -114,7 +116,7 @@ def test_a_coordinators_attack_is_refused_and_the_ledger_is_unchanged(attack, gr
     def no_private_data(*args, **kwargs):
         raise AssertionError("a refused request read the party's data")
 
-    monkeypatch.setattr(fedpsg.continual.party, "load_images", no_private_data)
+    monkeypatch.setattr(fedpsg.continual.party, "load_split", no_private_data)
     monkeypatch.setattr(fedpsg.federated_gan.party, "_party_share", no_private_data)
     with pytest.raises(Refused, match="party 0 refuses"):
         send(grid, content, message_type)

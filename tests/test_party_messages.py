@@ -44,7 +44,7 @@ def test_psg_reply_carries_only_the_dp_set_the_model_and_the_privacy_record(part
     spec = dataset_spec("fmnist")
     model_state = new_classifier(spec, TINY_EVAL, seed=3).state_dict()
     request = TrainRequest(
-        "psg", 2, 1, "fmnist", CLASSES, 10.0, 1e-5, 7, asdict(PSG), model_state, TINY_EVAL.architecture
+        "psg", 2, 1, "fmnist", 0, CLASSES, 10.0, 1e-5, 7, asdict(PSG), model_state, TINY_EVAL.architecture
     )
     reply = send(encode_train_request(request), "train", party)
     assert not reply.has_error(), reply.error
@@ -84,7 +84,7 @@ def test_psg_reply_carries_only_the_dp_set_the_model_and_the_privacy_record(part
 def test_party_refuses_a_request_for_another_partition(party):
     spec = dataset_spec("fmnist")
     state = new_classifier(spec, TINY_EVAL).state_dict()
-    request = TrainRequest("psg", 1, 0, "fmnist", [5, 6], 10.0, 1e-5, 0, asdict(PSG), state, TINY_EVAL.architecture)
+    request = TrainRequest("psg", 1, 0, "fmnist", 0, [5, 6], 10.0, 1e-5, 0, asdict(PSG), state, TINY_EVAL.architecture)
     # In a running SuperNode this exception becomes an error reply to the coordinator.
     with pytest.raises(ValueError, match="partition 0"):
         send(encode_train_request(request), "train", party)
@@ -95,7 +95,7 @@ def test_dpsgd_reply_carries_only_the_model_and_the_privacy_record(party):
     model_state = new_classifier(spec, TINY_EVAL, seed=3).state_dict()
     dpsgd = replace(get_method("dpsgd").presets["tiny"], epochs=1)
     arch = TINY_EVAL.architecture
-    request = TrainRequest("dpsgd", 2, 1, "fmnist", CLASSES, 10.0, 1e-5, 7, asdict(dpsgd), model_state, arch)
+    request = TrainRequest("dpsgd", 2, 1, "fmnist", 0, CLASSES, 10.0, 1e-5, 7, asdict(dpsgd), model_state, arch)
     reply = send(encode_train_request(request), "train", party)
     content = reply.content
     assert set(content.keys()) == {"model", "privacy"}
@@ -113,7 +113,7 @@ def test_dpmerf_reply_carries_generated_samples_not_training_images(party, data_
     model_state = new_classifier(spec, evaluation, seed=3).state_dict()
     dpmerf = replace(get_method("dpmerf").presets["tiny"], generator_steps=20, samples_per_class=10)
     request = TrainRequest(
-        "dpmerf", 2, 1, "fmnist", CLASSES, 10.0, 1e-5, 7, asdict(dpmerf), model_state, evaluation.architecture
+        "dpmerf", 2, 1, "fmnist", 500, CLASSES, 10.0, 1e-5, 7, asdict(dpmerf), model_state, evaluation.architecture
     )
     reply = send(encode_train_request(request), "train", party)
     content = reply.content
@@ -126,3 +126,5 @@ def test_dpmerf_reply_carries_generated_samples_not_training_images(party, data_
     assert all(torch.equal(returned[k], model_state[k]) for k in model_state)
     record = PrivacyRecord.from_dict(dict(content.config_records["privacy"]))
     assert record.epsilon == pytest.approx(10.0, rel=1e-3) and record.steps == 1
+    # The party's data is its classes' training images less the evaluator's 500 per class.
+    assert record.dataset_size == int(torch.isin(train.labels, torch.tensor(CLASSES)).sum()) - 500 * len(CLASSES)

@@ -59,7 +59,9 @@ def party_data(data_dir) -> ImageSet:
 
 def request_for(method: str, seed: int = 7) -> TrainRequest:
     model_state = new_classifier(dataset_spec("fmnist"), TINY_EVAL, seed=3).state_dict()
-    return TrainRequest(method, 2, 1, "fmnist", CLASSES, 10.0, 1e-5, seed, asdict(CONFIGS[method]), model_state, ARCH)
+    return TrainRequest(
+        method, 2, 1, "fmnist", 0, CLASSES, 10.0, 1e-5, seed, asdict(CONFIGS[method]), model_state, ARCH
+    )
 
 
 def run_locally(method: str, data: ImageSet, config, *, epsilon=10.0, seed=0, model=None, secret=None) -> Release:

@@ -109,6 +109,7 @@ class Coordinator:
             stage=stage,
             partition=stage - 1,
             dataset=settings.scenario.dataset,
+            validation_per_class=settings.scenario.validation_per_class,
             classes=settings.stages[stage - 1],
             epsilon=settings.epsilon,
             delta=settings.delta,

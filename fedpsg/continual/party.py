@@ -18,7 +18,7 @@ from fedpsg.budget.charge import charged_run
 from fedpsg.budget.ledger import Ledger
 from fedpsg.budget.policy import PartyPolicy
 from fedpsg.continual.protocol import TrainRequest
-from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
+from fedpsg.data.datasets import ImageSet, dataset_spec, load_split
 from fedpsg.dp.secret import SecretRandomness
 from fedpsg.methods import PartyStage, Release, get_method
 from fedpsg.nn.evaluation import EvalConfig, new_classifier
@@ -51,7 +51,9 @@ def run_stage(
     policy.check_classes(who, what, request.classes)
     config = config_from_hyperparameters(method.config_class, request.hyperparameters)
     spec = dataset_spec(request.dataset)
-    data = load_images(request.dataset, train=True, data_dir=data_dir).only_classes(request.classes)
+    data = load_split(
+        request.dataset, "private", validation_per_class=request.validation_per_class, data_dir=data_dir
+    ).only_classes(request.classes)
     label = f"[{who}] {what}"
     threads = f"{torch.get_num_threads()} thread(s) at nice {os.nice(0)}"
     print(f"{label}: {len(data)} private images of classes {request.classes}; {threads}", flush=True)

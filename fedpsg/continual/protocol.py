@@ -26,6 +26,7 @@ class TrainRequest:
     stage: int
     partition: int  # which party must answer
     dataset: str
+    validation_per_class: int  # the evaluator's hold-out: the party's data is the rest of the training split
     classes: list[int]
     epsilon: float
     delta: float
@@ -49,6 +50,7 @@ def encode_train_request(request: TrainRequest) -> RecordDict:
         "stage": request.stage,
         "partition": request.partition,
         "dataset": request.dataset,
+        "validation_per_class": request.validation_per_class,
         "classes": list(request.classes),
         "epsilon": float(request.epsilon),
         "delta": float(request.delta),
@@ -70,6 +72,7 @@ def decode_train_request(content: RecordDict) -> TrainRequest:
         stage=int(config["stage"]),
         partition=int(config["partition"]),
         dataset=str(config["dataset"]),
+        validation_per_class=int(config["validation_per_class"]),
         classes=[int(c) for c in config["classes"]],
         epsilon=float(config["epsilon"]),
         delta=float(config["delta"]),

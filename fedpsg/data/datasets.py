@@ -1,8 +1,14 @@
-"""Datasets and class-incremental splits.
+"""Datasets, their three disjoint splits, and class-incremental stages.
 
 Images come from torchvision's MNIST / FashionMNIST classes. The data root is, in order:
 the ``--data-dir`` flag, the ``FEDPSG_DATA_DIR`` variable, Debian's ``dataset-fashion-mnist``
 package (FashionMNIST only), and finally torchvision's download into ``./data``.
+
+Splits (:func:`load_split`): ``validation`` is a fixed, publicly seeded choice of
+``validation_per_class`` training images per class that belongs to the evaluator, never to a
+party: hyperparameters are chosen on it, so the choice costs no party privacy and never sees
+the test images. ``private`` is the rest of the training split (what parties hold), ``test``
+the test split (reported, never used to choose).
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ DATA_DIR_ENV = "FEDPSG_DATA_DIR"
 DEFAULT_DOWNLOAD_DIR = Path("data")
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_CLASS_ORDER = (5, 6, 1, 2, 0, 8, 9, 3, 4, 7)
+SPLITS = ("private", "validation", "test")
+# 500 per class: MNIST's classic 55,000 / 5,000 train / validation split; the seed is public.
+DEFAULT_VALIDATION_PER_CLASS = 500
+VALIDATION_SEED = 5000
 
 
 class DataNotFoundError(RuntimeError):
@@ -163,6 +173,35 @@ def load_images(name: str, train: bool, data_dir: str | os.PathLike | None = Non
         ) from err
     pixels = tv.data.unsqueeze(1).float().div_(255.0)
     return ImageSet(spec.normalise(pixels), tv.targets.clone().long())
+
+
+def validation_indices(labels: torch.Tensor, per_class: int) -> torch.Tensor:
+    """Positions (sorted) of ``per_class`` examples of every class, drawn with the public seed."""
+    if per_class < 0:
+        raise ValueError(f"validation_per_class must be >= 0, got {per_class}")
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(VALIDATION_SEED))
+    chosen = []
+    for cls in labels.unique().tolist():
+        members = order[labels[order] == cls]
+        if len(members) <= per_class:
+            raise ValueError(f"class {cls} has {len(members)} training images; cannot hold out {per_class}")
+        chosen.append(members[:per_class])
+    return torch.cat(chosen).sort().values
+
+
+def load_split(
+    name: str, split: str, *, validation_per_class: int, data_dir: str | os.PathLike | None = None
+) -> ImageSet:
+    """The ``private``, ``validation`` or ``test`` split of ``name`` (see the module's docstring)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "test":
+        return load_images(name, train=False, data_dir=data_dir)
+    train = load_images(name, train=True, data_dir=data_dir)
+    held = torch.zeros(len(train), dtype=torch.bool)
+    held[validation_indices(train.labels, validation_per_class)] = True
+    keep = held if split == "validation" else ~held
+    return ImageSet(train.images[keep], train.labels[keep])
 
 
 def stage_classes(class_order: list[int] | tuple[int, ...], classes_per_stage: int) -> list[list[int]]:

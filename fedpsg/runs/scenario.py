@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from fedpsg.data.datasets import dataset_spec, stage_classes, validate_classes
+from fedpsg.data.datasets import DEFAULT_VALIDATION_PER_CLASS, dataset_spec, stage_classes, validate_classes
 from fedpsg.methods import get_method, method_names
 
 SCENARIO_DIRS_ENV = "FEDPSG_SCENARIO_DIR"
@@ -39,6 +39,9 @@ class Scenario:
     delta: float = 1e-5
     profile: str | None = None
     replay: str = "fresh"
+    # Training images per class the evaluator holds out (fedpsg.data.datasets.load_split): no
+    # party holds them; hyperparameters are chosen on them, never on the test images.
+    validation_per_class: int = DEFAULT_VALIDATION_PER_CLASS
     overrides: dict = field(default_factory=dict)  # the file's ``set:``, as dotted keys (see fedpsg.runs.settings)
 
     @property
@@ -53,6 +56,8 @@ class Scenario:
             raise ValueError("a scenario needs at least one method")
         for method in self.methods:
             get_method(method)  # raises on an unknown name, listing the registered ones
+        if self.validation_per_class < 0:
+            raise ValueError(f"validation_per_class must be >= 0, got {self.validation_per_class}")
         if self.replay not in REPLAY_MODES:
             raise ValueError(f"replay must be one of {REPLAY_MODES}, got {self.replay!r}")
 
