@@ -59,8 +59,8 @@ def whoami(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    # Stages run one at a time, so the active party may use every core (Ray pins actors to 1 thread);
-    # node config torch-threads or FEDPSG_TORCH_THREADS set fewer (a machine shared with other work).
+    # A SuperNode of its own may use every core (Ray pins actors to 1 thread); node config
+    # torch-threads or FEDPSG_TORCH_THREADS set fewer (the simulation: its party slot's CPUs).
     threads = context.node_config.get("torch-threads") or os.environ.get("FEDPSG_TORCH_THREADS") or os.cpu_count()
     torch.set_num_threads(int(threads or 1))
     folder, policy = _folder_and_policy(context)

@@ -25,7 +25,7 @@ from pathlib import Path
 from fedpsg.budget.policy import POLICY_ENV, STATE_DIR_ENV
 from fedpsg.runs.cli import add_run_arguments
 from fedpsg.runs.repeats import repeat_settings
-from fedpsg.runs.settings import format_epsilon, repeats_from_run_config, settings_from_run_config
+from fedpsg.runs.settings import format_epsilon, positive_int_from_run_config, settings_from_run_config
 
 log = logging.getLogger("fedpsg.deploy")
 REPO = Path(__file__).resolve().parents[1]
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = str(Path(args.data_dir).resolve())
     values = run_config_from_args(args, out, data_dir)
     try:  # the same checks the ServerApp will make, before anything starts
-        repeat_settings(settings_from_run_config(values), repeats_from_run_config(values))
+        repeat_settings(settings_from_run_config(values), positive_int_from_run_config(values, "repeats", 1))
     except ValueError as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -1,7 +1,8 @@
 """A scenario on Flower's simulation engine (Ray), and the policies of its virtual parties.
 
 :func:`simulate` runs either scenario kind with ``flwr.simulation.run_simulation``; the command
-line is ``fedpsg.simulate``.
+line is ``fedpsg.simulate``. A continual run keeps as many stages in flight as Ray has party
+slots (``cpus // party_cpus``), so independent stages run side by side.
 
 In a deployment every party writes its own policy (:mod:`fedpsg.budget.policy`); in a simulation one
 user plays all parties, so the launcher writes them, once per run folder: each virtual party holds
@@ -23,6 +24,7 @@ from fedpsg.runs.settings import RunSettings
 NON_PRIVATE_METHODS = ("fedavg-gan",)
 WRITTEN_BY_SIMULATION = "# written by the simulation for a virtual party: rewritten when the run resumes\n"
 RAY_WORKER_NICENESS = "RAY_worker_niceness"  # read by Ray when it starts its raylet
+TORCH_THREADS_ENV = "FEDPSG_TORCH_THREADS"  # read by the ClientApp (clients/app.py)
 TRUST_HELP = "the simulated parties trust the coordinator: they also answer non-private requests (eps inf, fedavg-gan)"
 
 
@@ -103,8 +105,12 @@ def simulate(
     os.environ.setdefault(RAY_WORKER_NICENESS, str(os.nice(0)))
     gpus = party_gpus if party_gpus is not None else (1.0 if settings.device.startswith("cuda") else 0.0)
     init_args: dict = {"address": ray_address} if ray_address else {"num_cpus": os.cpu_count() or 1}
+    # As many stages in flight as Ray has party slots here (a cluster's own queue bounds the rest),
+    # each party with the threads of its slot, so that side-by-side stages do not oversubscribe.
+    slots = settings.num_partitions if ray_address else int((os.cpu_count() or 1) // party_cpus)
+    os.environ.setdefault(TORCH_THREADS_ENV, str(max(1, int(party_cpus))))
     run_simulation(
-        server_app=make_server_app(settings),
+        server_app=make_server_app(settings, parallel_jobs=max(1, min(slots, settings.num_partitions))),
         client_app=client_app,
         num_supernodes=settings.num_partitions,
         backend_name="ray",

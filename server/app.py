@@ -20,7 +20,7 @@ from fedpsg.federated_gan.coordinator import FedGANRun
 from fedpsg.methods import Release
 from fedpsg.runs.folder import PartyError, PartyUnavailable
 from fedpsg.runs.repeats import run_repeats
-from fedpsg.runs.settings import RunSettings, repeats_from_run_config, settings_from_run_config
+from fedpsg.runs.settings import RunSettings, positive_int_from_run_config, settings_from_run_config
 
 log = logging.getLogger("fedpsg.server")
 
@@ -34,10 +34,15 @@ RETRYABLE_ERRORS = {
 
 
 class GridParties:
-    """The parties behind a Flower Grid; node ids are random, so partitions are asked for."""
+    """The parties behind a Flower Grid; node ids are random, so partitions are asked for.
 
-    def __init__(self, grid: Grid, poll: float = 2.0) -> None:
-        self.grid, self.poll = grid, poll
+    Up to ``capacity`` requests are in flight at once, each sent from a coordinator thread of its
+    own: Flower's Grids take that (the simulation's in-memory state holds a lock, the deployment's
+    HTTP client is httpx's thread-safe one).
+    """
+
+    def __init__(self, grid: Grid, poll: float = 2.0, capacity: int = 1) -> None:
+        self.grid, self.poll, self.capacity = grid, poll, capacity
         self.nodes: dict[int, int] = {}  # partition id -> node id
         self._asked: set[int] = set()
 
@@ -108,8 +113,14 @@ class GridParties:
         return results
 
 
-def make_server_app(settings: RunSettings | FedGANSettings | None = None) -> ServerApp:
-    """A ServerApp for ``settings``, or one that reads them from the Flower run config."""
+def make_server_app(
+    settings: RunSettings | FedGANSettings | None = None, parallel_jobs: int | None = None
+) -> ServerApp:
+    """A ServerApp for ``settings``, or one that reads them from the Flower run config.
+
+    ``parallel_jobs``: party jobs in flight at once (default: the run config's ``parallel-jobs``,
+    else one per party, as in a deployment where every party is a node of its own).
+    """
     app = ServerApp()
 
     @app.main()
@@ -117,8 +128,9 @@ def make_server_app(settings: RunSettings | FedGANSettings | None = None) -> Ser
         config = dict(context.run_config)
         run_settings = settings or settings_from_run_config(config)
         # A simulation runs each repetition as a simulation of its own (fedpsg.simulate --repeats).
-        repeats = 1 if settings is not None else repeats_from_run_config(config)
-        parties = GridParties(grid)
+        repeats = 1 if settings is not None else positive_int_from_run_config(config, "repeats", 1)
+        jobs = parallel_jobs or positive_int_from_run_config(config, "parallel-jobs", run_settings.num_partitions)
+        parties = GridParties(grid, capacity=jobs)
 
         def run_one(repetition: RunSettings | FedGANSettings) -> bool:
             if isinstance(repetition, FedGANSettings):

@@ -1,12 +1,14 @@
 """The coordinator's side of the continual-learning run, independent of Flower.
 
-``Coordinator.run(parties)`` is the whole run: it finds the parties, visits the stages in
-scenario order for every method, re-sends a stage whose party vanished (bounded), keeps every
-DP release on disk as soon as it arrives, replays the union of the sets received so far to
-train a classifier, evaluates it on the real test images of all classes seen so far, and
-writes the results. A run resumes from its output folder: finished stages are loaded, not
-redone. ``parties`` is anything with ``discover`` and ``send``: Flower's Grid in the ServerApp
-(``server/app.py``), or parties in this process (``fedpsg.continual.local``).
+``Coordinator.run(parties)`` is the whole run: it finds the parties, starts every (method,
+stage) as soon as its inputs exist and its party is free (``fedpsg.continual.schedule``: several
+requests in flight, up to ``parties.capacity``), re-sends a stage whose party vanished (bounded),
+keeps every DP release on disk as soon as it arrives, and, as a job of its own beside the
+parties' work, replays the union of the sets received so far to train a classifier, evaluates
+it on the real test images of all classes seen so far, and writes the results. A run resumes
+from its output folder: finished stages are loaded, not redone. ``parties`` is anything with
+``discover``, ``send`` and ``capacity``: Flower's Grid in the ServerApp (``server/app.py``), or
+parties in this process (``fedpsg.continual.local``).
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import pandas as pd
 import torch
 
 from fedpsg.continual.protocol import TrainRequest
+from fedpsg.continual.schedule import Job, StageGraph
+from fedpsg.continual.timeline import plot_timeline, read_timeline, timeline_summary
 from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
 from fedpsg.data.synthetic import SyntheticSet, save_grid
 from fedpsg.io.files import save_atomically, write_json
@@ -34,6 +40,15 @@ from fedpsg.runs.retry import send_with_retries
 from fedpsg.runs.settings import RunSettings, format_epsilon
 
 log = logging.getLogger("fedpsg.continual.coordinator")
+TIMELINE_FILE = "timeline.csv"
+T = TypeVar("T")
+
+
+def timed(function: Callable[..., T], *args: Any) -> tuple[T, float, float]:
+    """``function(*args)`` with its wall-clock start and end (run in a job's own thread)."""
+    started = time.time()
+    result = function(*args)
+    return result, started, time.time()
 
 
 class Parties(Protocol):
@@ -42,8 +57,11 @@ class Parties(Protocol):
     def discover(self, partitions: list[int], timeout: float) -> None:
         """Find the nodes holding ``partitions`` (again, after one vanished); raise PartyUnavailable."""
 
+    capacity: int  # how many requests may be in flight at once (each to another party)
+
     def send(self, request: TrainRequest, timeout: float) -> Release:
-        """Run one stage on ``request.partition``; raise PartyUnavailable / PartyError."""
+        """Run one stage on ``request.partition``; raise PartyUnavailable / PartyError. Called from
+        up to ``capacity`` threads at once."""
 
 
 class Coordinator:
@@ -58,45 +76,122 @@ class Coordinator:
 
     # ----- the run ----------------------------------------------------------------------------
     def run(self, parties: Parties) -> list[dict]:
-        """Every method's stages in order; returns the result rows. Writes DONE when complete."""
+        """Every method's stages as a job graph (fedpsg.continual.schedule); returns the result rows.
+
+        Party jobs run in up to ``parties.capacity`` threads, each a blocking ``send`` with its
+        retries; evaluations run in one thread of their own beside them. On a party's failure no
+        new job starts, the jobs in flight finish and are kept, and the error is raised.
+        """
         settings = self.settings
+        graph = StageGraph(
+            list(settings.methods),
+            len(settings.stages),
+            capacity=parties.capacity,
+            continue_replay=settings.replay == "continue",
+        )
+        for job in graph.jobs:
+            if self.is_done(*job):
+                graph.received.add(job)
+                graph.evaluated.add(job)
+                log.info("%s stage %d/%d already done: skipped", *job, graph.num_stages)
+            elif self.received_set(*job):  # reply stored, evaluation interrupted
+                graph.received.add(job)
         with self.folder.running():
             parties.discover(list(range(settings.num_partitions)), settings.reconnect_timeout)
-            try:
-                for method in settings.methods:
-                    for stage, classes in enumerate(settings.stages, start=1):
-                        self._run_stage(parties, method, stage, classes)
-            except PartyError as err:  # e.g. a party refused: what was released so far stays on disk
-                log.error("%s; the finished stages are kept in %s (re-run with it to resume)", err, self.out)
-                raise
+            with (
+                ThreadPoolExecutor(graph.capacity, thread_name_prefix="party") as party_pool,
+                ThreadPoolExecutor(1, thread_name_prefix="evaluation") as evaluation_pool,
+            ):
+                failure = self._run_graph(graph, parties, party_pool, evaluation_pool)
+            self.write_timeline(complete=failure is None)
+            if failure is not None:  # e.g. a party refused: what was released so far stays on disk
+                log.error("%s; the finished stages are kept in %s (re-run with it to resume)", failure, self.out)
+                raise failure
             rows = self.rows()
             if rows:
                 print(accuracy_table(pd.DataFrame(rows)).to_string(), flush=True)
             return rows
 
-    def _run_stage(self, parties: Parties, method: str, stage: int, classes: list[int]) -> None:
-        total = len(self.settings.stages)
-        if self.is_done(method, stage):
-            log.info("%s stage %d/%d already done: skipped", method, stage, total)
+    def _run_graph(
+        self, graph: StageGraph, parties: Parties, party_pool: ThreadPoolExecutor, evaluation_pool: ThreadPoolExecutor
+    ) -> BaseException | None:
+        """Start every job whose inputs exist until the graph is done or a job fails (returned)."""
+        in_flight: dict[Future, tuple[str, Job]] = {}
+        failure: BaseException | None = None
+        while True:
+            if failure is None:
+                for job in graph.party_ready():
+                    graph.running.add(job)
+                    request = self.request(*job)
+                    log.info(
+                        "%s stage %d/%d: party %d, classes %s",
+                        job[0], job[1], graph.num_stages, request.partition, request.classes,
+                    )  # fmt: skip
+                    future = party_pool.submit(timed, self._send, parties, request)
+                    in_flight[future] = ("party", job)
+            for job in graph.evaluation_ready():  # also after a failure: nothing received is lost
+                graph.evaluating.add(job)
+                in_flight[evaluation_pool.submit(timed, self._evaluate_received, *job)] = ("evaluation", job)
+            if not in_flight:
+                return failure if failure is not None or graph.finished() else RuntimeError("the job graph is stuck")
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                kind, job = in_flight.pop(future)
+                (graph.running if kind == "party" else graph.evaluating).discard(job)
+                try:
+                    result, started, ended = future.result()
+                    self._record_job(kind, job, started, ended)
+                    if kind == "party":
+                        self.accept(*job, self.settings.stages[job[1] - 1], result, ended - started)
+                        graph.received.add(job)
+                    else:
+                        graph.evaluated.add(job)
+                except (PartyError, ValueError, RuntimeError) as err:
+                    failure = failure or err
+
+    def _record_job(self, kind: str, job: Job, started: float, ended: float) -> None:
+        """One line of ``timeline.csv``: what ran when (wall clock), for a Gantt chart of the run."""
+        path = self.out / TIMELINE_FILE
+        new = not path.exists()
+        with path.open("a") as handle:
+            if new:
+                handle.write("kind,method,stage,partition,start,end,seconds\n")
+            method, stage = job
+            handle.write(f"{kind},{method},{stage},{stage - 1},{started:.3f},{ended:.3f},{ended - started:.2f}\n")
+
+    def write_timeline(self, complete: bool) -> None:
+        """``timeline.png`` (Gantt chart) and, for a complete run, ``timeline.json`` (critical path, projections)."""
+        path = self.out / TIMELINE_FILE
+        if not path.exists():
             return
-        partition = stage - 1
-        log.info("%s stage %d/%d: party %d, classes %s", method, stage, total, partition, classes)
-        started = time.perf_counter()
-        if self.received_set(method, stage):  # reply stored, evaluation interrupted
-            row = self.resume_stage(method, stage)
-        else:
-            request = self.request(method, stage)
-            reply = send_with_retries(
-                lambda: parties.send(request, self.settings.stage_timeout),
-                lambda: parties.discover([partition], self.settings.reconnect_timeout),
-                self.settings.stage_retries,
-                request.where,
-            )
-            row = self.accept(method, stage, classes, reply, time.perf_counter() - started)
+        frame = read_timeline(path)
+        plot_timeline(frame, self.out / "timeline.png", f"{self.settings.title}: what ran when")
+        if complete:
+            summary = timeline_summary(frame, list(self.settings.methods), len(self.settings.stages))
+            write_json(self.out / "timeline.json", summary)
+            log.info(
+                "wall time %.0f s for %.0f s of jobs; critical path %.0f s; projected on 2/8/16/64 cores: %s s",
+                summary["measured_wall_seconds"], summary["busy_seconds"], summary["critical_path_seconds"],
+                "/".join(f"{v:.0f}" for v in summary["projected_wall_seconds"].values()),
+            )  # fmt: skip
+
+    def _send(self, parties: Parties, request: TrainRequest) -> Release:
+        return send_with_retries(
+            lambda: parties.send(request, self.settings.stage_timeout),
+            lambda: parties.discover([request.partition], self.settings.reconnect_timeout),
+            self.settings.stage_retries,
+            request.where,
+        )
+
+    def _evaluate_received(self, method: str, stage: int) -> dict:
+        """Evaluate a stage whose reply is stored; log it as the stage's end."""
+        receipt = json.loads(self._receipt_path(method, stage).read_text(), parse_constant=float)
+        row = self.evaluate_stage(method, stage, receipt["party_seconds"], receipt["privacy"])
         log.info(
             "%s stage %d done: %.2f%% over seen classes, party spent eps=%s (%.0f s)",
-            method, stage, 100 * row["accuracy"], format_epsilon(row["epsilon"]), time.perf_counter() - started,
+            method, stage, 100 * row["accuracy"], format_epsilon(row["epsilon"]), row["party_seconds"],
         )  # fmt: skip
+        return row
 
     def request(self, method: str, stage: int) -> TrainRequest:
         settings = self.settings
@@ -115,7 +210,9 @@ class Coordinator:
             delta=settings.delta,
             seed=settings.seed + stage,  # public randomness only: parties draw their DP noise themselves
             hyperparameters=asdict(settings.configs[method]),
-            model_state=self.current_model_state(method, stage),
+            # A method that releases a model finetunes the previous stage's; the others get the
+            # run's fresh classifier (they send it back untouched), whatever is evaluated by then.
+            model_state=self.current_model_state(method, stage if get_method(method).releases == "model" else 1),
             architecture=settings.evaluations[method].architecture,
             earlier=earlier,
         )
@@ -142,7 +239,8 @@ class Coordinator:
         return self._receipt_path(method, stage).exists()
 
     def current_model_state(self, method: str, stage: int) -> dict[str, torch.Tensor]:
-        """The model to send to the party of ``stage`` (the previous stage's result, else a fresh one)."""
+        """The model stage ``stage`` starts from: stage - 1's (the party's release, or the classifier its
+        evaluation trained), else the run's fresh classifier."""
         if stage > 1 and self._model_path(method, stage - 1).exists():
             return torch.load(self._model_path(method, stage - 1), weights_only=True)
         return new_classifier(self.spec, self.settings.evaluations[method], self.settings.seed).state_dict()
@@ -152,8 +250,8 @@ class Coordinator:
         return [json.loads(p.read_text(), parse_constant=float) for p in paths]
 
     # ----- receiving and evaluating ---------------------------------------------------------------
-    def accept(self, method: str, stage: int, classes: list[int], reply: Release, party_seconds: float) -> dict:
-        """Store a party's reply at once, then replay, evaluate and record the stage."""
+    def accept(self, method: str, stage: int, classes: list[int], reply: Release, party_seconds: float) -> None:
+        """Store a party's reply at once (its receipt last); it is evaluated as its own job."""
         self._validate_reply(method, stage, classes, reply)
         if reply.images is not None:
             SyntheticSet(
@@ -164,12 +262,6 @@ class Coordinator:
             self._save_model(method, stage, reply.model_state)
         receipt = {"privacy": reply.privacy.to_dict(), "party_seconds": party_seconds}
         write_json(self._receipt_path(method, stage), receipt)
-        return self.evaluate_stage(method, stage, party_seconds, reply.privacy.to_dict())
-
-    def resume_stage(self, method: str, stage: int) -> dict:
-        """Evaluate a stage whose reply was stored before the run was interrupted."""
-        receipt = json.loads(self._receipt_path(method, stage).read_text(), parse_constant=float)
-        return self.evaluate_stage(method, stage, receipt["party_seconds"], receipt["privacy"])
 
     def _validate_reply(self, method: str, stage: int, classes: list[int], reply: Release) -> None:
         eps = self.settings.epsilon

@@ -30,8 +30,10 @@ class LocalParties:
         device: str = "cpu",
         num_partitions: int | None = None,
         state_dir: str | Path | None = None,
+        capacity: int = 1,
     ) -> None:
         self.data_dir, self.device, self.num_partitions, self.state_dir = data_dir, device, num_partitions, state_dir
+        self.capacity = capacity  # stages run at once, in the coordinator's threads
         self.replies: list[Release] = []  # every reply, as the coordinator received it
 
     def discover(self, partitions: list[int], timeout: float) -> None:

@@ -316,17 +316,17 @@ def resolve_settings(
 # Keys of ``[tool.flwr.app.config]`` / ``flwr run --run-config``: the flags of fedpsg.simulate.
 RUN_CONFIG_KEYS = (
     "scenario", "eps", "delta", "spc", "methods", "profile", "replay", "seed", "stages", "device", "out",
-    "data-dir", "stage-timeout", "reconnect-timeout", "stage-retries", "set", "repeats",
+    "data-dir", "stage-timeout", "reconnect-timeout", "stage-retries", "set", "repeats", "parallel-jobs",
 )  # fmt: skip
 
 
-def repeats_from_run_config(config: Mapping[str, Any]) -> int:
-    """The run config's ``repeats`` (1 if absent or "")."""
-    value = config.get("repeats")
-    repeats = 1 if value in ("", None) else int(value)
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {value}")
-    return repeats
+def positive_int_from_run_config(config: Mapping[str, Any], key: str, default: int) -> int:
+    """The run config's ``key`` (``repeats``, ``parallel-jobs``) as an int >= 1; ``default`` if absent or ""."""
+    value = config.get(key)
+    number = default if value in ("", None) else int(value)
+    if number < 1:
+        raise ValueError(f"{key} must be >= 1, got {value}")
+    return number
 
 
 def settings_from_run_config(config: Mapping[str, Any]) -> RunSettings:
