@@ -19,6 +19,7 @@ from the node config (``data-dir``) or ``FEDPSG_DATA_DIR``.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -64,6 +65,9 @@ def train(msg: Message, context: Context) -> Message:
     threads = context.node_config.get("torch-threads") or os.environ.get("FEDPSG_TORCH_THREADS") or os.cpu_count()
     torch.set_num_threads(int(threads or 1))
     folder, policy = _folder_and_policy(context)
+    ray = sys.modules.get("ray")  # a simulation's worker: say which node of the cluster runs the stage
+    if ray is not None and ray.is_initialized():
+        print(f"[party {_partition(context)[0]}] on Ray node {ray.get_runtime_context().get_node_id()[:8]}", flush=True)
     reply = run_stage(
         decode_train_request(msg.content),
         _partition(context)[0],

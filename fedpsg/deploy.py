@@ -284,6 +284,7 @@ def run_config_from_args(args: argparse.Namespace, out: Path, data_dir: str) -> 
         "stage-retries": args.stage_retries,
         "set": " ".join(args.overrides) or None,
         "repeats": args.repeats,
+        "parallel-jobs": args.parallel_jobs,
         "out": str(out),
         "data-dir": data_dir,
     }
@@ -298,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls", action="store_true")
     parser.add_argument("--auth", action="store_true", help="SuperNode authentication (implies --tls)")
     parser.add_argument("--timeout", type=float, default=7200.0, help="seconds to wait for the run")
+    parser.add_argument(
+        "--parallel-jobs", type=int, default=1,
+        help="stages in flight at once (default 1: the SuperNodes share this machine, each using every core)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if not args.data_dir:
         parser.error("--data-dir or FEDPSG_DATA_DIR is required (each party reads its partition from it)")
@@ -306,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     values = run_config_from_args(args, out, data_dir)
     try:  # the same checks the ServerApp will make, before anything starts
         repeat_settings(settings_from_run_config(values), positive_int_from_run_config(values, "repeats", 1))
+        positive_int_from_run_config(values, "parallel-jobs", 1)
     except ValueError as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 from fedpsg.budget.policy import POLICY_FILE, STATE_DIR_ENV, DataShare, PartyPolicy, load_policy, party_dir
@@ -104,11 +105,13 @@ def simulate(
     # (a test suite beside a simulation took 3x as long). Workers run at the driver's priority.
     os.environ.setdefault(RAY_WORKER_NICENESS, str(os.nice(0)))
     gpus = party_gpus if party_gpus is not None else (1.0 if settings.device.startswith("cuda") else 0.0)
-    init_args: dict = {"address": ray_address} if ray_address else {"num_cpus": os.cpu_count() or 1}
+    init_args: dict = {"num_cpus": os.cpu_count() or 1}
     # As many stages in flight as Ray has party slots here (a cluster's own queue bounds the rest),
     # each party with the threads of its slot, so that side-by-side stages do not oversubscribe.
     slots = settings.num_partitions if ray_address else int((os.cpu_count() or 1) // party_cpus)
     os.environ.setdefault(TORCH_THREADS_ENV, str(max(1, int(party_cpus))))
+    if ray_address:
+        connect_to_cluster(ray_address)
     run_simulation(
         server_app=make_server_app(settings, parallel_jobs=max(1, min(slots, settings.num_partitions))),
         client_app=client_app,
@@ -116,3 +119,20 @@ def simulate(
         backend_name="ray",
         backend_config={"client_resources": {"num_cpus": party_cpus, "num_gpus": gpus}, "init_args": init_args},
     )
+
+
+def connect_to_cluster(address: str) -> None:
+    """Join the Ray cluster at ``address`` before Flower would, handing every worker what a party reads.
+
+    Workers on other nodes are started by their own raylet, not by this process: they inherit
+    none of its environment. Flower's backend then finds Ray initialised and uses it. The run
+    folder, the parties' folders and the data must be on a file system every node sees.
+    """
+    import ray
+
+    names = (STATE_DIR_ENV, DATA_DIR_ENV, TORCH_THREADS_ENV)
+    env_vars = {name: os.environ[name] for name in names if name in os.environ}
+    env_vars["PYTHONPATH"] = os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")]).strip(os.pathsep)
+    if ray.is_initialized():  # a repetition before this one joined with its own party folders
+        ray.shutdown()
+    ray.init(address=address, runtime_env={"env_vars": env_vars}, include_dashboard=False)
