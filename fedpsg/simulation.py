@@ -101,9 +101,10 @@ def simulate(
     os.environ[STATE_DIR_ENV] = str(prepare_parties(settings, trust_coordinator))
     if settings.data_dir:  # parties run in Ray actors: they read the data root from the environment
         os.environ[DATA_DIR_ENV] = str(os.path.abspath(settings.data_dir))
-    # Ray starts its workers at nice 15: beside any ordinary process the parties would starve
-    # (a test suite beside a simulation took 3x as long). Workers run at the driver's priority.
-    os.environ.setdefault(RAY_WORKER_NICENESS, str(os.nice(0)))
+    # Ray starts its workers 15 nice levels above the process that starts its raylet: beside any
+    # ordinary process the parties would starve (a test suite beside a simulation took 3x as
+    # long). An increment of 0: workers run at the driver's priority.
+    os.environ.setdefault(RAY_WORKER_NICENESS, "0")
     gpus = party_gpus if party_gpus is not None else (1.0 if settings.device.startswith("cuda") else 0.0)
     init_args: dict = {"num_cpus": os.cpu_count() or 1}
     # As many stages in flight as Ray has party slots here (a cluster's own queue bounds the rest),

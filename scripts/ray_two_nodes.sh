@@ -9,7 +9,7 @@ RAY=.venv/bin/ray
 PORT="${RAY_PORT:-6390}"
 CPUS="${CPUS_PER_NODE:-1}"
 HEAD_DIR=$(mktemp -d /tmp/fedpsg-ray-head.XXXX)
-export RAY_worker_niceness="$(nice)"  # Ray's workers at this shell's priority, not nice 15
+export RAY_worker_niceness=0  # an increment: Ray's workers at this shell's priority, not 15 above it
 cleanup() { $RAY stop --force >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 cleanup
