@@ -89,14 +89,14 @@ class Coordinator:
             capacity=parties.capacity,
             continue_replay=settings.replay == "continue",
         )
-        for job in graph.jobs:
-            if self.is_done(*job):
-                graph.received.add(job)
-                graph.evaluated.add(job)
-                log.info("%s stage %d/%d already done: skipped", *job, graph.num_stages)
-            elif self.received_set(*job):  # reply stored, evaluation interrupted
-                graph.received.add(job)
         with self.folder.running():
+            for job in graph.jobs:
+                if self.is_done(*job):
+                    graph.received.add(job)
+                    graph.evaluated.add(job)
+                    log.info("%s stage %d/%d already done: skipped", *job, graph.num_stages)
+                elif self.received_set(*job):  # reply stored, evaluation interrupted
+                    graph.received.add(job)
             parties.discover(list(range(settings.num_partitions)), settings.reconnect_timeout)
             with (
                 ThreadPoolExecutor(graph.capacity, thread_name_prefix="party") as party_pool,
