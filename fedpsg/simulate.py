@@ -41,7 +41,7 @@ from fedpsg.federated_gan.config import (
 from fedpsg.federated_gan.config import KIND as FEDERATED_GAN
 from fedpsg.runs.cli import add_run_arguments, common_settings, positive_int, settings_from_args
 from fedpsg.runs.folder import ResumeMismatchError, check_resumable
-from fedpsg.runs.repeats import repeat_settings, run_repeats
+from fedpsg.runs.repeats import repeat_settings, run_repeats, run_repeats_together
 from fedpsg.runs.scenario import CONTINUAL, read_scenario, scenario_kind
 from fedpsg.runs.settings import RunSettings
 from fedpsg.simulation import TRUST_HELP, check_trust, simulate
@@ -134,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    def run_one(settings: RunSettings | FedGANSettings) -> bool:
-        simulate(settings, args.ray_address, args.party_cpus, args.party_gpus, args.trust_coordinator)
+    def completed(settings: RunSettings | FedGANSettings) -> bool:
         if not (settings.out / "DONE").exists():
             log = settings.out / "run.log"
             errors = [line for line in log.read_text().splitlines() if " ERROR " in line] if log.exists() else []
@@ -143,8 +142,19 @@ def main(argv: list[str] | None = None) -> int:
             return False
         return True
 
+    def run_one(settings: RunSettings | FedGANSettings) -> bool:
+        simulate(settings, args.ray_address, args.party_cpus, args.party_gpus, args.trust_coordinator)
+        return completed(settings)
+
+    def run_together(repetitions: list[RunSettings]) -> list[bool]:
+        simulate(repetitions, args.ray_address, args.party_cpus, args.party_gpus, args.trust_coordinator)
+        return [completed(repetition) for repetition in repetitions]
+
     for settings in runs:
-        if not run_repeats(settings, args.repeats, run_one):
+        if kind == CONTINUAL and args.repeats > 1:  # repetitions side by side in one simulation
+            if not run_repeats_together(settings, args.repeats, run_together):
+                return 1
+        elif not run_repeats(settings, args.repeats, run_one):
             return 1
         outputs = OUTPUTS[kind] if args.repeats == 1 else f"{REPEATED_OUTPUTS} (and each repeat-<r>/)"
         print(f"results in {settings.out}: {outputs}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from fedpsg.budget.policy import POLICY_FILE, STATE_DIR_ENV, DataShare, PartyPolicy, load_policy, party_dir
@@ -85,41 +86,71 @@ def prepare_parties(settings: RunSettings | FedGANSettings, trust_coordinator: b
 
 
 def simulate(
-    settings: RunSettings | FedGANSettings,
+    settings: RunSettings | FedGANSettings | list[RunSettings],
     ray_address: str | None = None,
     party_cpus: float = 1.0,
     party_gpus: float | None = None,
     trust_coordinator: bool = False,
 ) -> None:
-    """Run the scenario with ``flwr.simulation.run_simulation`` (Ray backend)."""
+    """Run the scenario with ``flwr.simulation.run_simulation`` (Ray backend).
+
+    A list of continual settings (the repetitions of ``--repeats``) runs side by side in one
+    simulation: each repetition keeps its own virtual parties (their folders and ledgers under
+    its own run folder), as nodes of their own, and the stages of all of them share the cores.
+    """
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
     from server.app import make_server_app
 
+    if isinstance(settings, list):
+        state_dir, placed = place_repetitions(settings, trust_coordinator)
+        first, nodes = settings[0], sum(s.num_partitions for s in settings)
+    else:
+        state_dir, placed = prepare_parties(settings, trust_coordinator), settings
+        first, nodes = settings, settings.num_partitions
     # Parties run in Ray actors: they read their folder (policy, ledger) from the environment.
-    os.environ[STATE_DIR_ENV] = str(prepare_parties(settings, trust_coordinator))
-    if settings.data_dir:  # parties run in Ray actors: they read the data root from the environment
-        os.environ[DATA_DIR_ENV] = str(os.path.abspath(settings.data_dir))
+    os.environ[STATE_DIR_ENV] = str(state_dir)
+    if first.data_dir:  # parties run in Ray actors: they read the data root from the environment
+        os.environ[DATA_DIR_ENV] = str(os.path.abspath(first.data_dir))
     # Ray starts its workers 15 nice levels above the process that starts its raylet: beside any
     # ordinary process the parties would starve (a test suite beside a simulation took 3x as
     # long). An increment of 0: workers run at the driver's priority.
     os.environ.setdefault(RAY_WORKER_NICENESS, "0")
-    gpus = party_gpus if party_gpus is not None else (1.0 if settings.device.startswith("cuda") else 0.0)
+    gpus = party_gpus if party_gpus is not None else (1.0 if first.device.startswith("cuda") else 0.0)
     init_args: dict = {"num_cpus": os.cpu_count() or 1}
     # As many stages in flight as Ray has party slots here (a cluster's own queue bounds the rest),
     # each party with the threads of its slot, so that side-by-side stages do not oversubscribe.
-    slots = settings.num_partitions if ray_address else int((os.cpu_count() or 1) // party_cpus)
+    slots = nodes if ray_address else int((os.cpu_count() or 1) // party_cpus)
     os.environ.setdefault(TORCH_THREADS_ENV, str(max(1, int(party_cpus))))
     if ray_address:
         connect_to_cluster(ray_address)
     run_simulation(
-        server_app=make_server_app(settings, parallel_jobs=max(1, min(slots, settings.num_partitions))),
+        server_app=make_server_app(placed, parallel_jobs=max(1, min(slots, nodes))),
         client_app=client_app,
-        num_supernodes=settings.num_partitions,
+        num_supernodes=nodes,
         backend_name="ray",
         backend_config={"client_resources": {"num_cpus": party_cpus, "num_gpus": gpus}, "init_args": init_args},
     )
+
+
+def place_repetitions(repetitions: list[RunSettings], trust_coordinator: bool) -> tuple[Path, list[RunSettings]]:
+    """Give each repetition's parties node ids of their own: repetition r's party k is node
+    ``r * parties + k``, whose folder ``<out>/nodes/party-<id>`` links to the repetition's own
+    ``repeat-<r>/parties/party-<k>``. Returns that node folder and the placed settings."""
+    nodes = repetitions[0].out.parent / "nodes"
+    placed, offset = [], 0
+    for repetition in repetitions:
+        state_dir = prepare_parties(repetition, trust_coordinator)
+        for k in range(repetition.num_partitions):
+            link, target = party_dir(offset + k, nodes), party_dir(k, state_dir)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if link.is_symlink():
+                link.unlink()
+            link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+        placed.append(replace(repetition, first_partition=offset))
+        offset += repetition.num_partitions
+    return nodes.resolve(), placed
 
 
 def connect_to_cluster(address: str) -> None:

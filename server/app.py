@@ -6,8 +6,10 @@ resume, evaluation, outputs) is ``Coordinator.run`` / ``FedGANRun.run``.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 from flwr.app import Context, Message, RecordDict
 from flwr.common.constant import ErrorCode
@@ -45,6 +47,8 @@ class GridParties:
         self.grid, self.poll, self.capacity = grid, poll, capacity
         self.nodes: dict[int, int] = {}  # partition id -> node id
         self._asked: set[int] = set()
+        self._discovering = threading.Lock()  # coordinators side by side share the node map
+        self.slots = threading.BoundedSemaphore(capacity)  # requests in flight, across all of them
 
     def _ask(self, node_ids: list[int], timeout: float) -> None:
         queries = [Message(RecordDict(), dst_node_id=n, message_type="query.whoami", ttl=timeout) for n in node_ids]
@@ -59,6 +63,10 @@ class GridParties:
         self._asked.difference_update(set(node_ids) - answered)
 
     def discover(self, partitions: list[int], timeout: float) -> None:
+        with self._discovering:
+            self._discover(partitions, timeout)
+
+    def _discover(self, partitions: list[int], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
             online = list(self.grid.get_node_ids())
@@ -114,17 +122,22 @@ class GridParties:
 
 
 def make_server_app(
-    settings: RunSettings | FedGANSettings | None = None, parallel_jobs: int | None = None
+    settings: RunSettings | FedGANSettings | list[RunSettings] | None = None, parallel_jobs: int | None = None
 ) -> ServerApp:
     """A ServerApp for ``settings``, or one that reads them from the Flower run config.
 
-    ``parallel_jobs``: party jobs in flight at once (default: the run config's ``parallel-jobs``,
-    else one per party, as in a deployment where every party is a node of its own).
+    A list of continual settings (repetitions whose parties are nodes of their own, see
+    ``RunSettings.first_partition``) runs side by side, sharing the Grid. ``parallel_jobs``:
+    party jobs in flight at once, in all (default: the run config's ``parallel-jobs``, else one
+    per party, as in a deployment where every party is a node of its own).
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if isinstance(settings, list):
+            run_side_by_side(GridParties(grid, capacity=parallel_jobs or len(settings)), settings)
+            return
         config = dict(context.run_config)
         run_settings = settings or settings_from_run_config(config)
         # A simulation runs each repetition as a simulation of its own (fedpsg.simulate --repeats).
@@ -142,6 +155,14 @@ def make_server_app(
         run_repeats(run_settings, repeats, run_one)
 
     return app
+
+
+def run_side_by_side(parties: GridParties, repetitions: list[RunSettings]) -> None:
+    """Every repetition's coordinator at once; raise the first failure once all have stopped."""
+    with ThreadPoolExecutor(len(repetitions), thread_name_prefix="repetition") as pool:
+        runs = [pool.submit(Coordinator(repetition).run, parties) for repetition in repetitions]
+    for run in runs:
+        run.result()
 
 
 app = make_server_app()

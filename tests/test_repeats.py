@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -11,6 +15,7 @@ from flwr.app import Context, RecordDict
 
 from fedpsg.continual.coordinator import Coordinator
 from fedpsg.continual.local import LocalParties
+from fedpsg.deploy import REPO
 from fedpsg.runs.repeats import mean_interval, paired_differences, repeat_settings, repeat_statistics, run_repeats
 from fedpsg.runs.settings import positive_int_from_run_config, resolve_settings
 from server.app import make_server_app
@@ -130,3 +135,29 @@ def test_the_server_app_runs_the_run_configs_repeats_and_each_is_charged_to_the_
             positive_int_from_run_config({"repeats": bad}, "repeats", 1)
     assert positive_int_from_run_config({"repeats": ""}, "repeats", 1) == 1
     assert positive_int_from_run_config({}, "parallel-jobs", 5) == 5
+
+
+@pytest.mark.slow
+def test_simulated_repetitions_run_side_by_side_each_with_its_own_parties(tmp_path, data_dir):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "fedpsg.simulate", "--scenario", "split_fmnist", "--profile", "tiny"]
+    command += ["--stages", "2", "--methods", "psg,dpmerf", "--repeats", "2", "--out", str(out)]
+    command += ["--data-dir", str(data_dir), "--set", "evaluation.epochs=20"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (out / "DONE").exists() and all((out / f"repeat-{r}" / "DONE").exists() for r in (1, 2))
+    for r in (1, 2):  # each repetition's parties keep their own ledgers: one release per method each
+        for k in (0, 1):
+            ledger = json.loads((out / f"repeat-{r}" / "parties" / f"party-{k}" / "ledger-fmnist.json").read_text())
+            assert sorted(e["method"] for e in ledger["entries"]) == ["dpmerf", "psg"]
+    jobs = pd.concat([pd.read_csv(out / f"repeat-{r}" / "timeline.csv").assign(repeat=r) for r in (1, 2)]).query(
+        "kind == 'party'"
+    )
+    # Stages of both repetitions overlapped, and never more at once than the machine's slots.
+    edges = sorted([(t, 1) for t in jobs["start"]] + [(t, -1) for t in jobs["end"]], key=lambda e: (e[0], e[1]))
+    in_flight = list(itertools.accumulate(step for _, step in edges))
+    slots = os.cpu_count() or 1
+    assert max(in_flight) <= slots
+    first = jobs[jobs["repeat"] == 1]
+    second = jobs[jobs["repeat"] == 2]
+    assert second["start"].min() < first["end"].max() and first["start"].min() < second["end"].max()

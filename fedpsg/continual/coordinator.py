@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -58,6 +59,7 @@ class Parties(Protocol):
         """Find the nodes holding ``partitions`` (again, after one vanished); raise PartyUnavailable."""
 
     capacity: int  # how many requests may be in flight at once (each to another party)
+    slots: threading.BoundedSemaphore  # held by each request in flight, by every coordinator using these parties
 
     def send(self, request: TrainRequest, timeout: float) -> Release:
         """Run one stage on ``request.partition``; raise PartyUnavailable / PartyError. Called from
@@ -97,7 +99,9 @@ class Coordinator:
                     log.info("%s stage %d/%d already done: skipped", *job, graph.num_stages)
                 elif self.received_set(*job):  # reply stored, evaluation interrupted
                     graph.received.add(job)
-            parties.discover(list(range(settings.num_partitions)), settings.reconnect_timeout)
+            parties.discover(
+                [settings.partition(k) for k in range(1, settings.num_partitions + 1)], settings.reconnect_timeout
+            )
             with (
                 ThreadPoolExecutor(graph.capacity, thread_name_prefix="party") as party_pool,
                 ThreadPoolExecutor(1, thread_name_prefix="evaluation") as evaluation_pool,
@@ -127,7 +131,7 @@ class Coordinator:
                         "%s stage %d/%d: party %d, classes %s",
                         job[0], job[1], graph.num_stages, request.partition, request.classes,
                     )  # fmt: skip
-                    future = party_pool.submit(timed, self._send, parties, request)
+                    future = party_pool.submit(self._party_job, parties, request)
                     in_flight[future] = ("party", job)
             for job in graph.evaluation_ready():  # also after a failure: nothing received is lost
                 graph.evaluating.add(job)
@@ -157,7 +161,8 @@ class Coordinator:
             if new:
                 handle.write("kind,method,stage,partition,start,end,seconds\n")
             method, stage = job
-            handle.write(f"{kind},{method},{stage},{stage - 1},{started:.3f},{ended:.3f},{ended - started:.2f}\n")
+            partition = self.settings.partition(stage)
+            handle.write(f"{kind},{method},{stage},{partition},{started:.3f},{ended:.3f},{ended - started:.2f}\n")
 
     def write_timeline(self, complete: bool) -> None:
         """``timeline.png`` (Gantt chart) and, for a complete run, ``timeline.json`` (critical path, projections)."""
@@ -174,6 +179,11 @@ class Coordinator:
                 summary["measured_wall_seconds"], summary["busy_seconds"], summary["critical_path_seconds"],
                 "/".join(f"{v:.0f}" for v in summary["projected_wall_seconds"].values()),
             )  # fmt: skip
+
+    def _party_job(self, parties: Parties, request: TrainRequest) -> tuple[Release, float, float]:
+        """The stage's request with its retries, timed from when it holds one of the parties' slots."""
+        with parties.slots:
+            return timed(self._send, parties, request)
 
     def _send(self, parties: Parties, request: TrainRequest) -> Release:
         return send_with_retries(
@@ -202,7 +212,7 @@ class Coordinator:
         return TrainRequest(
             method=method,
             stage=stage,
-            partition=stage - 1,
+            partition=settings.partition(stage),
             dataset=settings.scenario.dataset,
             validation_per_class=settings.scenario.validation_per_class,
             classes=settings.stages[stage - 1],

@@ -8,6 +8,7 @@ ledger) is ``<state_dir>/party-<partition>``, as on a SuperNode.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from fedpsg.budget.policy import load_policy, party_dir
@@ -34,6 +35,7 @@ class LocalParties:
     ) -> None:
         self.data_dir, self.device, self.num_partitions, self.state_dir = data_dir, device, num_partitions, state_dir
         self.capacity = capacity  # stages run at once, in the coordinator's threads
+        self.slots = threading.BoundedSemaphore(capacity)
         self.replies: list[Release] = []  # every reply, as the coordinator received it
 
     def discover(self, partitions: list[int], timeout: float) -> None:

@@ -246,3 +246,13 @@ def run_repeats(settings: Settings, repeats: int, run_one: Callable[[Settings], 
         if not completed:
             return False
     return True
+
+
+def run_repeats_together(settings: Settings, repeats: int, run_all: Callable[[list[Settings]], list[bool]]) -> bool:
+    """Run all repetitions of ``settings`` at once (``run_all`` returns which completed), then write
+    the joint outputs; True if every one completed."""
+    repetitions = repeat_settings(settings, repeats)
+    completed = run_all(repetitions)
+    if len(repetitions) > 1:
+        write_repeat_outputs(settings.out, repetitions)
+    return all(completed)

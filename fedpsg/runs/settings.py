@@ -206,10 +206,17 @@ class RunSettings:
     stage_timeout: float = DEFAULT_STAGE_TIMEOUT
     reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT
     stage_retries: int = DEFAULT_STAGE_RETRIES
+    # The partition id of stage 1's party: repetitions run side by side in one simulation address
+    # parties of their own (fedpsg.simulation.simulate_repetitions). Not part of the results.
+    first_partition: int = 0
 
     @property
     def stages(self) -> list[list[int]]:
         return self.scenario.stages[: self.num_stages]
+
+    def partition(self, stage: int) -> int:
+        """The partition id of the party that holds ``stage``'s classes."""
+        return self.first_partition + stage - 1
 
     @property
     def num_partitions(self) -> int:
