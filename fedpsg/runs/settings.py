@@ -207,7 +207,7 @@ class RunSettings:
     reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT
     stage_retries: int = DEFAULT_STAGE_RETRIES
     # The partition id of stage 1's party: repetitions run side by side in one simulation address
-    # parties of their own (fedpsg.simulation.simulate_repetitions). Not part of the results.
+    # parties of their own (fedpsg.simulation.place_repetitions). Not part of the results.
     first_partition: int = 0
 
     @property
