@@ -98,6 +98,7 @@ def simulate(
     simulation: each repetition keeps its own virtual parties (their folders and ledgers under
     its own run folder), as nodes of their own, and the stages of all of them share the cores.
     """
+    import torch
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
@@ -125,8 +126,11 @@ def simulate(
     os.environ.setdefault(TORCH_THREADS_ENV, str(max(1, int(party_cpus))))
     if ray_address:
         connect_to_cluster(ray_address)
+    else:  # the coordinator's evaluations take a slot of these cores, with a slot's threads
+        torch.set_num_threads(int(os.environ[TORCH_THREADS_ENV]))
+    server_app = make_server_app(placed, max(1, min(slots, nodes)), evaluations_share_slots=not ray_address)
     run_simulation(
-        server_app=make_server_app(placed, parallel_jobs=max(1, min(slots, nodes))),
+        server_app=server_app,
         client_app=client_app,
         num_supernodes=nodes,
         backend_name="ray",

@@ -43,8 +43,9 @@ class GridParties:
     HTTP client is httpx's thread-safe one).
     """
 
-    def __init__(self, grid: Grid, poll: float = 2.0, capacity: int = 1) -> None:
+    def __init__(self, grid: Grid, capacity: int = 1, poll: float = 2.0, evaluations_share_slots: bool = False) -> None:
         self.grid, self.poll, self.capacity = grid, poll, capacity
+        self.evaluations_share_slots = evaluations_share_slots  # a simulation: parties on the coordinator's cores
         self.nodes: dict[int, int] = {}  # partition id -> node id
         self._asked: set[int] = set()
         self._discovering = threading.Lock()  # coordinators side by side share the node map
@@ -122,7 +123,9 @@ class GridParties:
 
 
 def make_server_app(
-    settings: RunSettings | FedGANSettings | list[RunSettings] | None = None, parallel_jobs: int | None = None
+    settings: RunSettings | FedGANSettings | list[RunSettings] | None = None,
+    parallel_jobs: int | None = None,
+    evaluations_share_slots: bool = False,
 ) -> ServerApp:
     """A ServerApp for ``settings``, or one that reads them from the Flower run config.
 
@@ -130,20 +133,23 @@ def make_server_app(
     ``RunSettings.first_partition``) runs side by side, sharing the Grid. ``parallel_jobs``:
     party jobs in flight at once, in all (default: the run config's ``parallel-jobs``, else one
     per party, as in a deployment where every party is a node of its own).
+    ``evaluations_share_slots``: the parties run on this machine's cores (a simulation), so an
+    evaluation waits for one of those slots too.
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         if isinstance(settings, list):
-            run_side_by_side(GridParties(grid, capacity=parallel_jobs or len(settings)), settings)
+            parties = GridParties(grid, parallel_jobs or len(settings), evaluations_share_slots=evaluations_share_slots)
+            run_side_by_side(parties, settings)
             return
         config = dict(context.run_config)
         run_settings = settings or settings_from_run_config(config)
         # A simulation runs each repetition as a simulation of its own (fedpsg.simulate --repeats).
         repeats = 1 if settings is not None else positive_int_from_run_config(config, "repeats", 1)
         jobs = parallel_jobs or positive_int_from_run_config(config, "parallel-jobs", run_settings.num_partitions)
-        parties = GridParties(grid, capacity=jobs)
+        parties = GridParties(grid, capacity=jobs, evaluations_share_slots=evaluations_share_slots)
 
         def run_one(repetition: RunSettings | FedGANSettings) -> bool:
             if isinstance(repetition, FedGANSettings):

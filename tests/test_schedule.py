@@ -46,12 +46,23 @@ def test_an_evaluation_waits_for_every_set_it_replays():
         StageGraph(["psg"], num_stages=1, capacity=0)
 
 
-def test_independent_stages_run_side_by_side_and_the_timeline_shows_it(tmp_path, data_dir):
+def most_jobs_at_once(timeline: pd.DataFrame) -> int:
+    events = sorted([(t, 1) for t in timeline["start"]] + [(t, -1) for t in timeline["end"]])  # ends first
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+@pytest.mark.parametrize("evaluations_share_slots", [False, True])
+def test_independent_stages_run_side_by_side_and_the_timeline_shows_it(tmp_path, data_dir, evaluations_share_slots):
     settings = resolve_settings(
         "split_fmnist", profile="tiny", stages=2, methods=["dpmerf", "dpdm"], out=tmp_path / "run",
         data_dir=str(data_dir), overrides="evaluation.epochs=5 dpmerf.generator_steps=100 dpdm.iterations=30",
     )  # fmt: skip
     parties = LocalParties(str(data_dir), state_dir=prepare_parties(settings), capacity=2)
+    parties.evaluations_share_slots = evaluations_share_slots  # as in a simulation: parties on these cores
     rows = Coordinator(settings).run(parties)
     assert sorted((r["method"], r["stage"]) for r in rows) == [(m, k) for m in ("dpdm", "dpmerf") for k in (1, 2)]
     timeline = pd.read_csv(settings.out / TIMELINE_FILE)
@@ -63,6 +74,8 @@ def test_independent_stages_run_side_by_side_and_the_timeline_shows_it(tmp_path,
     for _, same in jobs.groupby("partition"):
         same = same.sort_values("start")
         assert (same["start"].to_numpy()[1:] >= same["end"].to_numpy()[:-1]).all()
+    if evaluations_share_slots:  # never more jobs, evaluations included, than the two slots
+        assert most_jobs_at_once(timeline) <= 2
     summary = json.loads((settings.out / "timeline.json").read_text())
     assert summary["critical_path_seconds"] <= summary["projected_wall_seconds"]["2"] <= summary["busy_seconds"]
     assert (settings.out / "timeline.png").exists()

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -60,6 +61,9 @@ class Parties(Protocol):
 
     capacity: int  # how many requests may be in flight at once (each to another party)
     slots: threading.BoundedSemaphore  # held by each request in flight, by every coordinator using these parties
+    # The parties compute on the coordinator's own cores (a simulation on one machine): an
+    # evaluation then holds a slot too, so that the jobs never ask for more threads than there are.
+    evaluations_share_slots: bool
 
     def send(self, request: TrainRequest, timeout: float) -> Release:
         """Run one stage on ``request.partition``; raise PartyUnavailable / PartyError. Called from
@@ -135,7 +139,7 @@ class Coordinator:
                     in_flight[future] = ("party", job)
             for job in graph.evaluation_ready():  # also after a failure: nothing received is lost
                 graph.evaluating.add(job)
-                in_flight[evaluation_pool.submit(timed, self._evaluate_received, *job)] = ("evaluation", job)
+                in_flight[evaluation_pool.submit(self._evaluation_job, parties, *job)] = ("evaluation", job)
             if not in_flight:
                 return failure if failure is not None or graph.finished() else RuntimeError("the job graph is stuck")
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
@@ -184,6 +188,11 @@ class Coordinator:
         """The stage's request with its retries, timed from when it holds one of the parties' slots."""
         with parties.slots:
             return timed(self._send, parties, request)
+
+    def _evaluation_job(self, parties: Parties, method: str, stage: int) -> tuple[dict, float, float]:
+        """A stage's evaluation, timed from when it may start (holding a slot where the parties share its cores)."""
+        with parties.slots if parties.evaluations_share_slots else nullcontext():
+            return timed(self._evaluate_received, method, stage)
 
     def _send(self, parties: Parties, request: TrainRequest) -> Release:
         return send_with_retries(

@@ -36,6 +36,7 @@ class LocalParties:
         self.data_dir, self.device, self.num_partitions, self.state_dir = data_dir, device, num_partitions, state_dir
         self.capacity = capacity  # stages run at once, in the coordinator's threads
         self.slots = threading.BoundedSemaphore(capacity)
+        self.evaluations_share_slots = False  # tests: evaluations overlap the stages in flight
         self.replies: list[Release] = []  # every reply, as the coordinator received it
 
     def discover(self, partitions: list[int], timeout: float) -> None:
