@@ -44,7 +44,12 @@ def main() -> None:
     x, y = torch.randn(args.batch_size, 1, 28, 28), torch.randint(0, 10, (args.batch_size,))
     syn = torch.randn(args.classes * args.spc, 1, 28, 28, requires_grad=True)
     syn_labels = torch.arange(args.classes).repeat_interleave(args.spc)
-    dp_kwargs = {"max_grad_norm": 0.1, "noise_multiplier": 0.5, "expected_batch_size": args.batch_size}
+    dp_kwargs = {
+        "max_grad_norm": 0.1,
+        "noise_multiplier": 0.5,
+        "expected_batch_size": args.batch_size,
+        "sample_rate": 0.01,
+    }
     real = private_gradient(net, x, y, **dp_kwargs)
     optimizer = torch.optim.SGD(params, lr=0.01)
 

@@ -19,7 +19,7 @@ from fedpsg.audit.canary import (
 from fedpsg.audit.cli import main as audit_main
 from fedpsg.budget.ledger import Ledger
 from fedpsg.data.datasets import ImageSet
-from fedpsg.dp.mechanisms import gaussian_mechanism
+from fedpsg.dp.mechanisms import Contribution, gaussian_mechanism
 from fedpsg.dp.secret import SecretRandomness
 
 
@@ -88,10 +88,10 @@ def test_noise_removed_turns_every_mechanism_off_and_back_on():
     value = torch.ones(1000)
     secret = SecretRandomness.fixed(0)
     with noise_removed():
-        (released,) = gaussian_mechanism([value], 1.0, secret.noise)
+        (released,) = gaussian_mechanism([value], 1.0, secret.noise, contribution=Contribution(1.0, 1.0))
         assert torch.equal(released, value)
         assert torch.equal(opacus_optimizer._generate_noise(1.0, value), torch.zeros_like(value))
-    (released,) = gaussian_mechanism([value], 1.0, secret.noise)
+    (released,) = gaussian_mechanism([value], 1.0, secret.noise, contribution=Contribution(1.0, 1.0))
     assert 0.9 < float((released - value).std()) < 1.1
 
 

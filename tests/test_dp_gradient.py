@@ -129,7 +129,9 @@ def test_noise_free_private_gradient_is_clipped_mean_over_expected_batch_size() 
     model, images, labels = make_case("convnet", batch=10)
     expected_per_example = reference_per_example(model, images, labels)
     expected, _ = reference_clipped_sum(expected_per_example, 0.5)
-    got = private_gradient(model, images, labels, max_grad_norm=0.5, noise_multiplier=0.0, expected_batch_size=16)
+    got = private_gradient(
+        model, images, labels, max_grad_norm=0.5, noise_multiplier=0.0, expected_batch_size=16, sample_rate=0.5
+    )
     for g, want in zip(got, expected):
         torch.testing.assert_close(g, want / 16, rtol=1e-4, atol=1e-6)
 
@@ -141,7 +143,9 @@ def test_empty_batch() -> None:
     assert result.per_example_norms.shape == (0,)
     assert [g.shape for g in result.grads] == [p.shape for p in params]
     assert all((g == 0).all() for g in result.grads)
-    noisy = private_gradient(model, images, labels, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=8)
+    noisy = private_gradient(
+        model, images, labels, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=8, sample_rate=0.5
+    )
     assert [g.shape for g in noisy] == [p.shape for p in params]
     assert any((g != 0).any() for g in noisy)
 
@@ -159,6 +163,7 @@ def test_noise_has_std_sigma_c_over_expected_batch_size() -> None:
             max_grad_norm=max_grad_norm,
             noise_multiplier=sigma,
             expected_batch_size=expected_batch_size,
+            sample_rate=0.5,
             generator=generator,
         )
         return torch.cat([g.flatten() for g in grads])
@@ -174,8 +179,10 @@ def test_noise_has_std_sigma_c_over_expected_batch_size() -> None:
 
 def test_noise_is_added_around_the_clipped_mean_and_reproducible() -> None:
     model, images, labels = make_case("convnet", batch=4)
-    kwargs = {"max_grad_norm": 0.5, "noise_multiplier": 2.0, "expected_batch_size": 4}
-    clean = private_gradient(model, images, labels, max_grad_norm=0.5, noise_multiplier=0.0, expected_batch_size=4)
+    kwargs = {"max_grad_norm": 0.5, "noise_multiplier": 2.0, "expected_batch_size": 4, "sample_rate": 0.5}
+    clean = private_gradient(
+        model, images, labels, max_grad_norm=0.5, noise_multiplier=0.0, expected_batch_size=4, sample_rate=0.5
+    )
     first = private_gradient(model, images, labels, generator=torch.Generator().manual_seed(7), **kwargs)
     again = private_gradient(model, images, labels, generator=torch.Generator().manual_seed(7), **kwargs)
     other = private_gradient(model, images, labels, generator=torch.Generator().manual_seed(8), **kwargs)

@@ -231,12 +231,14 @@ def test_privacy_record_round_trips_with_adjacency_and_size():
 def test_every_release_uses_the_secure_noise_draw(monkeypatch):
     # Opacus's secure_mode noise: four N(0, std^2) draws summed and halved (std preserved), which
     # defeats the floating-point attacks on single draws. Checked by its variance.
-    from fedpsg.dp.mechanisms import gaussian_mechanism
+    from fedpsg.dp.mechanisms import Contribution, gaussian_mechanism
 
-    (noisy,) = gaussian_mechanism([torch.zeros(200_000)], 3.0, torch.Generator().manual_seed(0))
+    ONE = Contribution(bound=1.0, sample_rate=1.0)
+
+    (noisy,) = gaussian_mechanism([torch.zeros(200_000)], 3.0, torch.Generator().manual_seed(0), contribution=ONE)
     assert noisy.std().item() == pytest.approx(3.0, rel=0.01)
     torch_normal = count_calls(monkeypatch, torch, "normal")
-    gaussian_mechanism([torch.zeros(10)], 3.0, torch.Generator().manual_seed(0))
+    gaussian_mechanism([torch.zeros(10)], 3.0, torch.Generator().manual_seed(0), contribution=ONE)
     assert len(torch_normal) == 5  # one discarded draw, then four
 
 

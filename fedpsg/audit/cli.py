@@ -2,6 +2,7 @@
 
     python -m fedpsg.audit RUN_DIR                       # memorisation report of a finished run
     python -m fedpsg.audit --method psg --dataset fmnist --classes 5,6 --eps 10 [--canaries 200]
+    python -m fedpsg.audit --method psg --white-box --eps 1 [--canaries 1000] [--faults none,noise-halved]
 
 A fresh audit reads the party's data: every run (the audited one and its controls) is charged to
 the lifetime ledger in ``--party-dir`` (default ``<party state dir>/local``), the controls as
@@ -12,7 +13,10 @@ images are to the party's training images against equally many held-out test ima
 (:mod:`fedpsg.audit.memorisation`). The second runs one party's method with canaries and turns the
 canaries' scores into an empirical lower bound on epsilon (:mod:`fedpsg.audit.canary`), next to
 two positive controls (non-private, and noise removed) that show whether the audit can catch a
-leak at all. Both write ``audit.json``, ``audit.md`` and pictures (``--out``; default the sibling
+leak at all. The third (``--white-box``) audits the party's Gaussian mechanism itself with canaries
+inserted at every noisy release (:mod:`fedpsg.audit.whitebox`), next to injected faults (noise
+removed or halved, clipping removed, sampling at twice the rate) that it must catch.
+All write ``audit.json``, ``audit.md`` and pictures (``--out``; default the sibling
 ``RUN_DIR.private-audit`` or ``runs/audit-...``). These hold raw training images and non-DP
 distances, so never inside the run folder, whose contents are DP outputs and may be shared.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -29,8 +34,9 @@ import torch
 
 from fedpsg.audit.canary import VARIANTS, AuditRun, mislabeled_canaries, run_audit, verdict
 from fedpsg.audit.memorisation import measure_memorisation, save_nearest_pairs
+from fedpsg.audit.whitebox import FAULTS, WhiteBoxRun, canaries_for, gdp_mu, run_white_box
 from fedpsg.budget.ledger import Ledger
-from fedpsg.budget.policy import Refused, default_state_dir, load_policy
+from fedpsg.budget.policy import PartyPolicy, Refused, default_state_dir, load_policy
 from fedpsg.data.datasets import (
     DataNotFoundError,
     ImageSet,
@@ -56,7 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", default=None, help=f"audit a fresh party run of one of {', '.join(method_names())}")
     parser.add_argument("--dataset", default="fmnist", help="mnist or fmnist")
     parser.add_argument("--classes", type=int_list, default=[5, 6], help="the party's classes (default 5,6)")
-    parser.add_argument("--canaries", type=positive_int, default=200, help="mislabelled canaries (each in w.p. 1/2)")
+    parser.add_argument(
+        "--canaries", type=positive_int, default=None,
+        help="canaries, each in w.p. 1/2 (default: 200 mislabelled images; white-box: 1000 Dirac canaries)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--white-box", action="store_true", help="audit the party's Gaussian mechanism with canaries inside it"
+    )
+    parser.add_argument(
+        "--faults", default=",".join(FAULTS), help=f"white-box: comma-separated subset of {','.join(FAULTS)}"
+    )
     parser.add_argument("--real", type=positive_int, default=None, help="use only N of the party's real images")
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}"
@@ -131,6 +146,96 @@ def _memorisation_markdown(rows: list[dict], title: str) -> str:
 
 
 # ----- a fresh audited party run ---------------------------------------------------------------
+BLACK_BOX_CANARIES = 200
+WHITE_BOX_CANARIES = 1000
+
+
+def _audited_party(args: argparse.Namespace, settings) -> tuple[PartyPolicy, Ledger, ImageSet]:
+    """The party's policy and ledger (the request checked first) and its images of ``--classes``."""
+    method, spec, epsilon, delta = settings.method, settings.spec, settings.epsilon, settings.delta
+    folder = args.party_dir or default_state_dir() / "local"
+    policy = load_policy(None, folder)
+    what = f"audit of {method.name} on classes {args.classes}"
+    policy.check_request("this party", what, method=method.name, private=True, epsilon=epsilon, delta=delta,
+                         dataset=spec.name)  # fmt: skip
+    policy.check_classes("this party", what, args.classes)
+    train = load_images(spec.name, train=True, data_dir=args.data_dir).only_classes(args.classes)
+    return policy, Ledger(folder, spec.name), train
+
+
+def audit_white_box(args: argparse.Namespace, out: Path) -> dict:
+    """The party's Gaussian mechanism with white-box canaries, correct and with each fault."""
+    settings = party_settings(args, "audit")
+    method, spec, config, evaluation = settings.method, settings.spec, settings.config, settings.evaluation
+    faults = [f.strip() for f in args.faults.split(",") if f.strip()]
+    unknown = set(faults) - set(FAULTS)
+    if unknown:
+        raise ValueError(f"unknown faults {sorted(unknown)}; available: {', '.join(FAULTS)}")
+    if math.isinf(settings.epsilon):
+        raise ValueError("a white-box audit needs a finite --eps: a non-private run has no mechanism to audit")
+    policy, ledger, train = _audited_party(args, settings)
+    if args.real is not None and args.real < len(train):
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: args.real]
+        train = ImageSet(train.images[keep], train.labels[keep])
+    stage = PartyStage(
+        data=train, classes=args.classes, spec=spec, epsilon=settings.epsilon, delta=settings.delta, seed=args.seed,
+        model=new_classifier(spec, evaluation, args.seed), device=settings.device,
+        label=f"audit {method.name} {spec.name} {args.classes}",
+    )  # fmt: skip
+    count = args.canaries or WHITE_BOX_CANARIES
+    runs: list[WhiteBoxRun] = []
+    for fault in faults:
+        runs.append(run_white_box(method, config, stage, count, ledger, policy, fault, seed=args.seed))
+        log.info("%s: %s (%.0f s)", fault, runs[-1].verdict(), runs[-1].seconds)
+    claimed_mu = gdp_mu(settings.epsilon, settings.delta)
+    report = {
+        "method": method.name,
+        "dataset": spec.name,
+        "classes": args.classes,
+        "profile": settings.profile,
+        "epsilon": settings.epsilon,
+        "delta": settings.delta,
+        "real_images": len(train),
+        "canaries": count,
+        "canary_kind": "Dirac: one coordinate of every Gaussian release, at 4x the declared bound before clipping",
+        "claimed_mu": claimed_mu,
+        "runs": [run.to_dict() for run in runs],
+    }
+    correct = next((run for run in runs if run.fault == "none"), None)
+    if correct is not None:
+        # Within a factor of 2 of the claim: epsilon/2 as a Gaussian-DP separation.
+        report["canaries_for_half_the_claim"] = canaries_for(
+            correct.gaussian["mu"], gdp_mu(settings.epsilon / 2, settings.delta)
+        )
+    _write(out, report, _white_box_markdown(report))
+    return report
+
+
+def _white_box_markdown(report: dict) -> str:
+    lines = [
+        f"# White-box audit: {report['method']} on {report['dataset']} classes {report['classes']}",
+        "",
+        f"{report['real_images']} real images, {report['canaries']} canaries ({report['canary_kind']}), each in "
+        "w.p. 1/2. Lower bounds at 95% confidence: Steinke-Nasr-Jagielski (rigorous) and Gaussian (the two "
+        f"score distributions as Gaussians; claimed epsilon as a Gaussian-DP mu: {report['claimed_mu']:.3f}).",
+        "",
+        "| fault | claimed epsilon | SNJ bound | Gaussian bound | mu (lower limit) | releases | verdict | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in report["runs"]:
+        gaussian = run["gaussian"]
+        lines.append(
+            f"| {run['fault']} | {format_epsilon(run['claimed_epsilon'])} | {run['snj_lower_bound']:.2f} "
+            f"| {gaussian['epsilon_lower_bound']:.2f} | {gaussian['mu']:.3f} ({gaussian['mu_lower']:.3f}) "
+            f"| {run['releases_observed']} | {run['verdict'].split(':')[0]} | {run['seconds']:.0f} |"
+        )
+    needed = report.get("canaries_for_half_the_claim", "absent")
+    if needed != "absent":
+        answer = f"about {needed}" if needed else "none suffice (the scores' separation itself is below it)"
+        lines += ["", f"Canaries for a Gaussian bound within a factor of 2 of the claim: {answer}"]
+    return "\n".join(lines) + "\n"
+
+
 def audit_fresh_run(args: argparse.Namespace, out: Path) -> dict:
     settings = party_settings(args, "audit")
     method, spec, config, evaluation = settings.method, settings.spec, settings.config, settings.evaluation
@@ -141,14 +246,7 @@ def audit_fresh_run(args: argparse.Namespace, out: Path) -> dict:
         raise ValueError(f"unknown variants {sorted(unknown)}; available: {', '.join(VARIANTS)}")
 
     # The audited runs read the party's data: each is charged to its lifetime ledger, checked first.
-    folder = args.party_dir or default_state_dir() / "local"
-    policy = load_policy(None, folder)
-    what = f"audit of {method.name} on classes {args.classes}"
-    policy.check_request("this party", what, method=method.name, private=True, epsilon=epsilon, delta=delta,
-                         dataset=spec.name)  # fmt: skip
-    policy.check_classes("this party", what, args.classes)
-    ledger = Ledger(folder, spec.name)
-    train = load_images(spec.name, train=True, data_dir=args.data_dir).only_classes(args.classes)
+    policy, ledger, train = _audited_party(args, settings)
     test = load_images(spec.name, train=False, data_dir=args.data_dir)
     # The auditor's randomness (which canaries, which are in, which real images) is public: the
     # party's DP randomness stays its own secret inside method.run.
@@ -156,7 +254,7 @@ def audit_fresh_run(args: argparse.Namespace, out: Path) -> dict:
     if args.real is not None and args.real < len(train):
         keep = torch.randperm(len(train), generator=generator)[: args.real]
         train = ImageSet(train.images[keep], train.labels[keep])
-    canaries = mislabeled_canaries(test, args.classes, args.canaries, generator)
+    canaries = mislabeled_canaries(test, args.classes, args.canaries or BLACK_BOX_CANARIES, generator)
     stage = PartyStage(
         data=train, classes=args.classes, spec=spec, epsilon=epsilon, delta=delta, seed=args.seed,
         model=new_classifier(spec, evaluation, args.seed), device=device,
@@ -250,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.run_dir is not None:
             audit_run_folder(args.run_dir, args.data_dir, args.out or private_audit_dir(args.run_dir))
+        elif args.white_box:
+            epsilon = (args.eps or [10.0])[0]
+            name = f"audit-white-box-{args.method}-{args.dataset}-eps{format_epsilon(epsilon)}"
+            report = audit_white_box(args, args.out or Path("runs") / name)
+            correct = [run for run in report["runs"] if run["fault"] == "none"]
+            return 1 if any(run["verdict"].startswith("VIOLATION") for run in correct) else 0
         else:
             epsilon = (args.eps or [10.0])[0]
             name = f"audit-{args.method}-{args.dataset}-eps{format_epsilon(epsilon)}"

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fedpsg.dp.mechanisms import gaussian_mechanism
+from fedpsg.dp.mechanisms import Contribution, clip_factors, clip_jointly, gaussian_mechanism
 from fedpsg.dp.secret import secret_generator
 
 GradSampler = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[nn.Parameter, torch.Tensor]]
@@ -222,7 +222,7 @@ def clipped_gradient_sum(
         samples = _grad_samples(capture, slice(start, start + chunk))
         used = [(total, samples[p].flatten(1)) for total, p in zip(sums, params) if p in samples]
         chunk_norms = _per_example_norms([sample for _, sample in used])
-        scale = (max_grad_norm / (chunk_norms + 1e-12)).clamp(max=1.0)
+        scale = clip_factors(chunk_norms, max_grad_norm)
         for total, sample in used:
             # The weighted sum over examples is a matrix-vector product.
             total.view(-1).addmv_(sample.T, scale.to(sample.dtype))
@@ -238,9 +238,12 @@ def private_gradient(
     max_grad_norm: float,
     noise_multiplier: float,
     expected_batch_size: float,
+    sample_rate: float,
     generator: torch.Generator | None = None,
 ) -> list[torch.Tensor]:
     """The Gaussian mechanism on the clipped sum: ``(sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / B``.
+
+    ``sample_rate``: the Poisson rate at which the batch was drawn (what the accountant assumed).
 
     One release (one call of :func:`fedpsg.dp.mechanisms.gaussian_mechanism`) per call. ``generator``
     is the party's secret noise source (default: fresh OS entropy). Dividing by the *expected* batch size (not the drawn
@@ -248,5 +251,8 @@ def private_gradient(
     """
     clipped = clipped_gradient_sum(model, images, labels, max_grad_norm)
     std = noise_multiplier * max_grad_norm
-    noisy = gaussian_mechanism(clipped.grads, std, generator or secret_generator(clipped.grads[0].device))
+    contribution = Contribution(max_grad_norm, sample_rate, clip=lambda rows: clip_jointly(rows, max_grad_norm))
+    noisy = gaussian_mechanism(
+        clipped.grads, std, generator or secret_generator(clipped.grads[0].device), contribution=contribution
+    )
     return [grad / expected_batch_size for grad in noisy]

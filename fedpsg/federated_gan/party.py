@@ -249,7 +249,7 @@ class PartyCritic:
         if math.isinf(self.plan.epsilon):  # eps = inf: a trusted coordinator's non-private reference
             return gradients
         noise_std = self.plan.noise_multiplier * step_sensitivity(config.max_grad_norm, len(labels))
-        return sanitise(gradients, config.max_grad_norm, noise_std, secret.noise)
+        return sanitise(gradients, config.max_grad_norm, noise_std, secret.noise, sample_rate=self.plan.sample_rate)
 
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

@@ -55,7 +55,7 @@ from fedpsg.data.augment import AugmentationSampler, SiameseAugmentation
 from fedpsg.data.datasets import DatasetSpec, ImageSet
 from fedpsg.dp.accounting import ACCOUNTANTS, PrivacyRecord, private_record
 from fedpsg.dp.gradients import check_examples_independent
-from fedpsg.dp.mechanisms import gaussian_mechanism, poisson_sample
+from fedpsg.dp.mechanisms import Contribution, gaussian_mechanism, poisson_sample
 from fedpsg.dp.secret import SecretRandomness, public_seed
 from fedpsg.io.progress import Progress
 from fedpsg.methods.base import Method, PartyStage, Release, register_method
@@ -228,6 +228,11 @@ class DPDM(Method):
 
         per_class = [data.images[data.labels == c].to(device) for c in classes]
         expected = [q * n for n in sizes]  # divisor of the noisy sum: fixed, so sensitivity is C / (q N_c)
+        # One example is in one class's sums only, clipped to C there, sampled at q.
+        contributions = [
+            Contribution(config.max_norm, q, clip=lambda rows: [clip_embeddings(rows[0], config.max_norm)], group=c)
+            for c in classes
+        ]
         augmentations = AugmentationSampler(spec, seed) if config.augment else None
         first = _fresh_network(config, spec, seed, 0)
         check_examples_independent(first)
@@ -253,7 +258,8 @@ class DPDM(Method):
                 sums = [part.sum(dim=0) for part in embeddings.split([len(b) for b in batches])]
                 if private:
                     targets = [
-                        gaussian_mechanism([total], std, secret.noise)[0] / expected[k] for k, total in enumerate(sums)
+                        gaussian_mechanism([total], std, secret.noise, contribution=contributions[k])[0] / expected[k]
+                        for k, total in enumerate(sums)
                     ]
                 else:
                     targets = [total / len(b) if len(b) else None for total, b in zip(sums, batches)]

@@ -21,7 +21,7 @@ from torch import nn
 
 from fedpsg.data.datasets import dataset_spec, partition_class_indices
 from fedpsg.dp.accounting import PrivacyRecord, private_record, validate_budget
-from fedpsg.dp.mechanisms import gaussian_mechanism
+from fedpsg.dp.mechanisms import Contribution, gaussian_mechanism
 from fedpsg.dp.secret import SecretRandomness, public_seed, secret_generator
 from fedpsg.io.progress import Progress
 from fedpsg.methods.base import Method, PartyStage, Release, register_method
@@ -185,8 +185,15 @@ def release_embedding(
     ``epsilon = inf`` returns the embedding unchanged.
     """
     record = embedding_privacy(n, epsilon, delta, accountant, adjacency)
-    std = record.noise_multiplier * embedding_sensitivity(n, adjacency)
-    (noisy,) = gaussian_mechanism([emb], std, generator or secret_generator(emb.device))
+    sensitivity = embedding_sensitivity(n, adjacency)
+    # Every example is in the one release; its features have norm 1 by construction (no clipping).
+    contribution = Contribution(sensitivity, sample_rate=1.0)
+    (noisy,) = gaussian_mechanism(
+        [emb],
+        record.noise_multiplier * sensitivity,
+        generator or secret_generator(emb.device),
+        contribution=contribution,
+    )
     return noisy, record
 
 

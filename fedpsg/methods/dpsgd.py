@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedpsg.dp.accounting import PrivacyRecord, private_record, validate_budget
+from fedpsg.dp.mechanisms import add_noise_with_mechanism
 from fedpsg.dp.secret import SecretRandomness
 from fedpsg.io.progress import Progress
 from fedpsg.methods.base import Method, PartyStage, Release, register_method
@@ -174,6 +175,7 @@ class DPSGD(Method):
             # secure_mode's noise (sum of four draws, halved) defeats floating-point attacks; the
             # optimizer reads this flag at every step (as fedpsg.dp.mechanisms.gaussian_mechanism does).
             optimizer.secure_mode = True
+            add_noise_with_mechanism(optimizer, plan.sample_rate)  # counted and auditable like every release
             # sigma was calibrated for a planned schedule: it must be exactly what Opacus will run.
             if loader.sample_rate != schedule.sample_rate or len(loader) != schedule.steps_per_epoch:
                 raise RuntimeError(

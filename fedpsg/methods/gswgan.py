@@ -85,7 +85,7 @@ from torch import nn
 
 from fedpsg.data.datasets import partition_class_indices
 from fedpsg.dp.accounting import PrivacyRecord, private_record
-from fedpsg.dp.mechanisms import gaussian_mechanism
+from fedpsg.dp.mechanisms import Contribution, gaussian_mechanism
 from fedpsg.dp.secret import SecretRandomness
 from fedpsg.io.progress import Progress
 from fedpsg.methods.base import Method, PartyStage, Release, register_method
@@ -209,9 +209,22 @@ def step_sensitivity(max_grad_norm: float, batch_size: int) -> float:
     return 2.0 * max_grad_norm * math.sqrt(batch_size)
 
 
-def sanitise(gradients: torch.Tensor, max_norm: float, noise_std: float, generator: torch.Generator) -> torch.Tensor:
-    """One release: per-sample clipping to ``max_norm``, then Gaussian noise of std ``noise_std``."""
-    (noisy,) = gaussian_mechanism([clip_per_sample(gradients, max_norm)], noise_std, generator)
+def sanitise(
+    gradients: torch.Tensor, max_norm: float, noise_std: float, generator: torch.Generator, *, sample_rate: float
+) -> torch.Tensor:
+    """One release: per-sample clipping to ``max_norm``, then Gaussian noise of std ``noise_std``.
+
+    ``sample_rate``: the rate at which an example's critic is the one asked (what the accountant assumed).
+    """
+    # An example can move each of the B rows anywhere in its C-ball (step_sensitivity): by 2C per row.
+    contribution = Contribution(
+        step_sensitivity(max_norm, len(gradients)),
+        sample_rate,
+        clip=lambda rows: [clip_per_sample(rows[0].flatten(0, 1), 2 * max_norm).view_as(rows[0])],
+    )
+    (noisy,) = gaussian_mechanism(
+        [clip_per_sample(gradients, max_norm)], noise_std, generator, contribution=contribution
+    )
     return noisy
 
 
@@ -358,7 +371,7 @@ def train_gswgan(
             trainer.critic_update(critic, generator)
         images, grad = trainer.sample_gradients(critic.net, generator)
         if private:
-            grad = sanitise(grad, config.max_grad_norm, noise_std, secret.noise)
+            grad = sanitise(grad, config.max_grad_norm, noise_std, secret.noise, sample_rate=record.sample_rate)
         optimizer.zero_grad(set_to_none=True)
         images.backward(grad / len(grad))  # the mean over the batch, taken after the noise
         optimizer.step()

@@ -210,6 +210,7 @@ class PSG(Method):
                                 max_grad_norm=config.max_grad_norm,
                                 noise_multiplier=plan.noise_multiplier,
                                 expected_batch_size=sample_rate * n,
+                                sample_rate=sample_rate,
                                 generator=secret.noise,
                             )
                         else:
