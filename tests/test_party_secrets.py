@@ -18,13 +18,12 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 from flwr.app import Message
-from opacus.optimizers.optimizer import DPOptimizer
 
 from fedpsg.continual.coordinator import Coordinator
 from fedpsg.continual.protocol import TrainRequest, decode_reply, encode_train_request
 from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
 from fedpsg.dp import gradients as dp_gradient
-from fedpsg.dp import secret
+from fedpsg.dp import mechanisms, secret
 from fedpsg.dp.accounting import PrivacyRecord
 from fedpsg.dp.secret import SecretRandomness
 from fedpsg.methods import PartyStage, Release, dpmerf, get_method, psg
@@ -201,13 +200,21 @@ def test_psg_makes_exactly_the_releases_it_accounts_for(monkeypatch, party_data,
 def test_dpsgd_takes_exactly_the_noisy_steps_it_accounts_for(monkeypatch, party_data, single_thread):
     data = ImageSet(party_data.images[:2000], party_data.labels[:2000])
     config = DPSGDConfig(epochs=4, batch_size=20)
-    noise_calls = count_calls(monkeypatch, DPOptimizer, "add_noise")
+    # Opacus's optimizer adds its noise through the Gaussian mechanism: one release per step.
+    noise_calls = count_calls(monkeypatch, mechanisms, "gaussian_mechanism")
     model = build_model("convnet", 1, 10, (28, 28), width=8, depth=2)
     sizes: list[int] = []
     model.register_forward_pre_hook(lambda _module, args: sizes.append(len(args[0])))
     # DP-SGD trains a deep copy of the model, which carries this hook along.
     record = run_locally("dpsgd", data, config, epsilon=2.0, model=model).privacy
     assert len(noise_calls) == len(sizes) == record.steps == 4 * 100
+    # Each of noise std sigma * C over every parameter, declared at the accounted rate and bound C.
+    params = [p for p in model.parameters() if p.requires_grad]
+    for args, kwargs in noise_calls:
+        assert [v.shape for v in args[0]] == [p.shape for p in params]
+        assert args[1] == pytest.approx(record.noise_multiplier * config.max_grad_norm)
+        contribution = kwargs["contribution"]
+        assert (contribution.bound, contribution.sample_rate) == (config.max_grad_norm, record.sample_rate)
     assert record.dataset_size == 2000
     assert_poisson_sizes(sizes, 2000, record.sample_rate)
     assert record.sample_rate == pytest.approx(20 / 2000)

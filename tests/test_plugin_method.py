@@ -201,3 +201,19 @@ def test_run_releases_at_the_plan_it_is_given_and_checks_against_it():
     assert not torch.allclose(release.images, calibrated.images)  # same draws, the written noise scale
     with pytest.raises(RuntimeError, match="withheld"):
         Misreporting(lambda r: replace(r, steps=2)).run(stage, config, planned=written)
+
+
+def test_the_plug_in_is_auditable_white_box_without_audit_code_of_its_own(tmp_path, data_dir):
+    # Its one Gaussian release declares how an example enters it: the audit needs nothing more.
+    from fedpsg.audit.whitebox import run_white_box
+    from fedpsg.budget.ledger import Ledger
+    from fedpsg.budget.policy import PartyPolicy
+    from fedpsg.data.datasets import load_images
+
+    train = load_images("mnist", train=True, data_dir=str(data_dir)).only_classes([5, 6])
+    stage = PartyStage(train, [5, 6], dataset_spec("mnist"), epsilon=1.0, delta=1e-5)
+    ledger, policy = Ledger(tmp_path, "mnist"), PartyPolicy()
+    broken = run_white_box(NoisyMeans(), NoisyMeansConfig(), stage, 200, ledger, policy, fault="noise-removed")
+    assert broken.verdict().startswith("VIOLATION")
+    correct = run_white_box(NoisyMeans(), NoisyMeansConfig(), stage, 200, ledger, policy)
+    assert correct.verdict().startswith("consistent")

@@ -3,6 +3,7 @@ and every method's noise going missing caught in one small run."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -131,3 +132,20 @@ def test_a_method_whose_noise_goes_missing_is_caught(tmp_path, data_dir, method)
     correct = run_white_box(chosen, config, stage, 64, ledger, policy, fault="none")
     assert correct.verdict().startswith("consistent"), correct.verdict()
     assert len(ledger.entries()) == 2  # both read the data: both are in the party's ledger
+
+
+def test_the_command_line_audits_white_box_and_says_so(tmp_path, data_dir, monkeypatch, capsys):
+    from fedpsg.audit.cli import main as audit_main
+
+    monkeypatch.setenv("FEDPSG_STATE_DIR", str(tmp_path / "state"))
+    out = tmp_path / "audit"
+    command = ["--method", "dpmerf", "--white-box", "--eps", "1", "--profile", "tiny", "--canaries", "200"]
+    command += ["--faults", "none,noise-removed", "--real", "300", "--data-dir", str(data_dir), "--out", str(out)]
+    assert audit_main(command) == 0  # the correct mechanism is consistent: exit status 0
+    report = json.loads((out / "audit.json").read_text())
+    assert [run["fault"] for run in report["runs"]] == ["none", "noise-removed"]
+    assert report["runs"][1]["verdict"].startswith("VIOLATION")
+    assert "| noise-removed |" in (out / "audit.md").read_text()
+    with pytest.raises(SystemExit):
+        audit_main(["--method", "dpmerf", "--white-box", "--faults", "noise-gone", "--data-dir", str(data_dir)])
+    assert "unknown faults" in capsys.readouterr().err
