@@ -1,7 +1,7 @@
 """The white-box audit of every party mechanism as one table (BENCHMARKS.md).
 
     python bench/whitebox_table.py --runs psg:1:none,noise-halved dpsgd:1:all dpmerf:4:none \
-        --canaries psg=16000,dpsgd=16000,dpdm=512,dpmerf=2000,gswgan=6000
+        --canaries psg=16000,dpsgd=16000,dpdm=512,dpmerf=2000,gswgan=784
 
 Each run ``METHOD:EPS:FAULTS`` (``all``: every fault) is ``python -m fedpsg.audit --method METHOD
 --white-box --eps EPS --faults FAULTS`` at ``--profile`` (default cpu), into
@@ -49,7 +49,7 @@ def table(out: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="+", required=True, help="METHOD:EPS:FAULTS (FAULTS comma-separated or all)")
-    parser.add_argument("--canaries", default="psg=16000,dpsgd=16000,dpdm=512,dpmerf=2000,gswgan=6000")
+    parser.add_argument("--canaries", default="psg=16000,dpsgd=16000,dpdm=512,dpmerf=2000,gswgan=784")
     parser.add_argument("--dataset", default="fmnist")
     parser.add_argument("--classes", default="5,6")
     parser.add_argument("--profile", default="cpu")

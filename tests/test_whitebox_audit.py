@@ -129,6 +129,14 @@ def test_a_method_whose_noise_goes_missing_is_caught(tmp_path, data_dir, method)
     broken = run_white_box(chosen, config, stage, 64, ledger, policy, fault="noise-removed")
     assert broken.verdict().startswith("VIOLATION"), broken.verdict()
     assert broken.claimed_epsilon == pytest.approx(1.0, rel=1e-3)  # the accountant still claims it
+    # Without noise a canary's score counts the releases that sampled it, each adding exactly one
+    # bound (the declared sensitivity: a canary too small or too large for it is not a whole
+    # number), at the accounted rate; an excluded canary's is 0.
+    inside, outside = broken.scores[broken.included], broken.scores[~broken.included]
+    assert torch.allclose(inside, inside.round(), atol=1e-3) and outside.abs().max() < 1e-3
+    rate, chances = float(inside.sum()), int(broken.observed[broken.included].sum())
+    q = broken.release.privacy.sample_rate
+    assert abs(rate - q * chances) < 5 * math.sqrt(chances * q * (1 - q)) + 1e-3
     correct = run_white_box(chosen, config, stage, 64, ledger, policy, fault="none")
     assert correct.verdict().startswith("consistent"), correct.verdict()
     assert len(ledger.entries()) == 2  # both read the data: both are in the party's ledger

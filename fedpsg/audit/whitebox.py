@@ -23,13 +23,17 @@ Steinke, Nasr & Jagielski (NeurIPS 2023, white-box DP-SGD) and Nasr et al. (USEN
 Two bounds from the scores:
 
 * **Steinke-Nasr-Jagielski** (:func:`fedpsg.audit.canary.bound_from_scores`): guess the top scores
-  "in" and the bottom ones "out"; a rigorous lower bound on epsilon at 95% confidence.
+  "in" and the bottom ones "out"; a rigorous lower bound on epsilon. Its p-value carries
+  ``2 m delta`` for delta, which makes it vacuous from a few thousand canaries at delta = 1e-5.
 * **Gaussian** (in the manner of "Let's Ask Gauss", Agrawal et al., arXiv 2606.12733): the scores of
   included and excluded canaries are two Gaussians ``N(mu_in, s^2)``, ``N(mu_out, s^2)``; their
-  separation ``mu = (mu_in - mu_out) / s``, taken at its lower 95% confidence limit (t-interval of
-  the mean difference and chi-square limit of ``s``, each at 97.5%), is a Gaussian-DP parameter,
+  separation ``mu = (mu_in - mu_out) / s``, taken at its lower confidence limit (t-interval of
+  the mean difference and chi-square limit of ``s``, the confidence split between them), is a Gaussian-DP parameter,
   and its trade-off curve gives epsilon at the run's delta. Tighter, but it rests on the scores
-  being Gaussian (sums of many noisy releases are).
+  being Gaussian (sums of many noisy releases are; an included canary's adds a binomial count of
+  its samplings, which skews it when few releases sample it).
+
+Each bound is taken at 97.5%, so that a VIOLATION resting on either holds at 95%.
 
 Faults (controls) are injected at the mechanism while the accountant still claims the original
 epsilon: the noise removed, the noise multiplier halved, the clipping removed (the canaries skip
@@ -56,11 +60,18 @@ from fedpsg.methods import Method, PartyStage, Release
 FAULTS = ("none", "noise-removed", "noise-halved", "clipping-removed", "double-sampling")
 NOISE_SCALE = {"noise-removed": 0.0, "noise-halved": 0.5}
 CANARY_NORM = 4.0  # a canary's norm before clipping, in units of the declared bound
+# Each bound at 97.5%, so that a verdict resting on either holds at 95% (Bonferroni).
+BOUND_CONFIDENCE = 1 - (1 - CONFIDENCE) / 2
 MAX_EPSILON = 1e4  # beyond this a Gaussian bound is reported as infinite
 
 
 class CanaryTap:
-    """Adds Dirac canaries to every Gaussian release and scores them by their aligned sums."""
+    """Adds Dirac canaries to every Gaussian release and scores them by their aligned sums.
+
+    Canary ``j`` sits at offset ``i_j`` of every row of a release (``Contribution.rows``; one row
+    for most methods): its direction is ``u_j = sum_r e_{r, i_j} / sqrt(rows)``, a unit vector
+    whose every row the method's per-row clipping bounds as it bounds a real example.
+    """
 
     def __init__(
         self, included: torch.Tensor, groups: torch.Tensor, generator: torch.Generator, fault: str = "none"
@@ -71,45 +82,59 @@ class CanaryTap:
         self.scores = torch.zeros(len(included), dtype=torch.float64)
         self.observed = torch.zeros(len(included), dtype=torch.long)  # releases each canary was scored on
         self.releases = 0
-        self._coordinates: dict[int, torch.Tensor] = {}
+        self.fault_applies = fault not in ("clipping-removed", "double-sampling")  # set on the first release it changes
+        self._offsets: dict[int, torch.Tensor] = {}
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None
 
-    def coordinates(self, size: int) -> torch.Tensor:
-        """The canaries' coordinates in a release of ``size`` values (distinct; fixed per size)."""
-        if size not in self._coordinates:
-            if size < len(self.included):
-                raise ValueError(f"a release of {size} values has room for at most {size} Dirac canaries")
-            self._coordinates[size] = torch.randperm(size, generator=self.generator)[: len(self.included)]
-        return self._coordinates[size]
+    def coordinates(self, size: int, rows: int) -> torch.Tensor:
+        """Each canary's coordinates in a release of ``size`` values: ``(m, rows)``, one per row, distinct."""
+        if size % rows:
+            raise ValueError(f"a release of {size} values does not split into {rows} equal rows")
+        width = size // rows
+        if width not in self._offsets:
+            if width < len(self.included):
+                raise ValueError(f"a release row of {width} values has room for at most {width} Dirac canaries")
+            self._offsets[width] = torch.randperm(width, generator=self.generator)[: len(self.included)]
+        return self._offsets[width][:, None] + width * torch.arange(rows)[None, :]
 
     def before_noise(
         self, values: list[torch.Tensor], std: float, contribution: Contribution
     ) -> tuple[list[torch.Tensor], float]:
         sizes = [v.numel() for v in values]
-        where = self.coordinates(sum(sizes))
-        known = torch.cat([v.detach().flatten() for v in values])[where.to(values[0].device)].cpu().double()
+        where = self.coordinates(sum(sizes), contribution.rows)
+        flat = torch.cat([v.detach().flatten() for v in values])
+        known = flat[where.flatten().to(flat.device)].view_as(where).cpu().double()
         members = torch.ones_like(self.included) if contribution.group is None else self.groups == contribution.group
+        if self.fault == "clipping-removed" and contribution.clip is not None:
+            self.fault_applies = True
+        if self.fault == "double-sampling" and contribution.sample_rate < 1:
+            self.fault_applies = True
         rate = min(1.0, contribution.sample_rate * (2.0 if self.fault == "double-sampling" else 1.0))
         sampled = members & self.included & (torch.rand(len(self.included), generator=self.generator) < rate)
         chosen = sampled.nonzero().flatten()
         if len(chosen):
+            clipped = contribution.clip is not None and self.fault != "clipping-removed"
+            # Before clipping, CANARY_NORM times the bound; a contribution bounded by construction
+            # (no clipping declared) is made at the bound itself.
+            norm = contribution.bound * (CANARY_NORM if contribution.clip is not None else 1.0)
             rows = torch.zeros(len(chosen), sum(sizes), dtype=values[0].dtype)
-            bounded = contribution.clip is None and self.fault != "clipping-removed"  # bounded by construction
-            rows[torch.arange(len(chosen)), where[chosen]] = contribution.bound * (1.0 if bounded else CANARY_NORM)
+            rows.scatter_(1, where[chosen], norm / math.sqrt(contribution.rows))
             parts = [
                 part.reshape(len(chosen), *value.shape).to(value.device)
                 for part, value in zip(rows.split(sizes, dim=1), values)
             ]
-            if contribution.clip is not None and self.fault != "clipping-removed":
+            if clipped:
                 parts = contribution.clip(parts)
             values = [value + part.sum(0) for value, part in zip(values, parts)]
-        self._pending = (members, where, known, contribution.bound)
+        self._pending = (members, where, known, contribution.bound * math.sqrt(contribution.rows))
         return values, std * NOISE_SCALE.get(self.fault, 1.0)
 
     def after_noise(self, noisy: list[torch.Tensor], contribution: Contribution) -> None:
-        members, where, known, bound = self._pending
-        seen = torch.cat([n.detach().flatten() for n in noisy])[where.to(noisy[0].device)].cpu().double()
-        self.scores[members] += (seen - known)[members] / bound
+        members, where, known, scale = self._pending
+        flat = torch.cat([n.detach().flatten() for n in noisy])
+        seen = flat[where.flatten().to(flat.device)].view_as(where).cpu().double()
+        # <y - x, u_j> / bound with u_j spread over the rows: the row sum over sqrt(rows) * bound.
+        self.scores[members] += (seen - known)[members].sum(1) / scale
         self.observed[members] += 1
         self.releases += 1
 
@@ -192,13 +217,20 @@ class WhiteBoxRun:
     gaussian: dict  # gaussian_bound's result
     seconds: float
     release: Release = field(repr=False)
+    fault_applies: bool = True  # False: the mechanism has nothing the fault changes (e.g. no clipping)
+    scores: torch.Tensor = field(repr=False, default_factory=lambda: torch.zeros(0))  # per canary
+    included: torch.Tensor = field(repr=False, default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    observed: torch.Tensor = field(repr=False, default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
     @property
     def epsilon_lower_bound(self) -> float:
         return max(self.snj["epsilon_lower_bound"], self.gaussian["epsilon_lower_bound"])
 
     def verdict(self) -> str:
+        """VIOLATION when either bound exceeds the claim (each holds at 97.5%: 95% for the verdict)."""
         claimed = self.claimed_epsilon
+        if not self.fault_applies:
+            return f"n/a: {self.fault} changes nothing in this mechanism"
         if self.snj["epsilon_lower_bound"] > claimed:
             return f"VIOLATION: epsilon >= {self.snj['epsilon_lower_bound']:.2f} > claimed {claimed:.3g} (SNJ bound)"
         if self.gaussian["epsilon_lower_bound"] > claimed:
@@ -220,6 +252,7 @@ class WhiteBoxRun:
             "gaussian": self.gaussian,
             "seconds": self.seconds,
             "privacy": self.release.privacy.to_dict(),
+            "fault_applies": self.fault_applies,
         }
 
 
@@ -260,9 +293,9 @@ def run_white_box(
         raise RuntimeError(f"{method.name} made no Gaussian release: nothing to audit (is epsilon infinite?)")
     seen = tap.observed > 0  # a group no release covered (an empty class) carries no evidence
     scores, inside = tap.scores[seen], tap.included[seen]
-    snj = bound_from_scores({"aligned": scores}, inside, stage.delta)
-    gaussian = gaussian_bound(scores, inside, stage.delta)
+    snj = bound_from_scores({"aligned": scores}, inside, stage.delta, confidence=BOUND_CONFIDENCE)
+    gaussian = gaussian_bound(scores, inside, stage.delta, confidence=BOUND_CONFIDENCE)
     return WhiteBoxRun(
         fault, release.privacy.epsilon, int(seen.sum()), tap.releases, snj, gaussian,
-        time.perf_counter() - started, release,
+        time.perf_counter() - started, release, tap.fault_applies, tap.scores, tap.included, tap.observed,
     )  # fmt: skip

@@ -36,12 +36,15 @@ class Contribution:
     clipping of per-example contributions, given tensors shaped like the values with a leading
     examples dimension (``None``: bounded by construction, e.g. DP-Merf's unit-norm features).
     ``group``: the released values hold only this group's examples (dpdm: one class per release).
+    ``rows``: one example can move each of this many equal rows of the values (GS-WGAN: each of the
+    B sample gradients, by up to ``bound / sqrt(rows)``); 1 = the values as one vector.
     """
 
     bound: float
     sample_rate: float
     clip: Clip | None = None
     group: int | None = None
+    rows: int = 1
 
 
 class MechanismTap(Protocol):
@@ -123,6 +126,9 @@ def add_noise_with_mechanism(optimizer: DPOptimizer, sample_rate: float) -> None
     as per-example contributions clipped jointly to ``max_grad_norm`` (Opacus's flat clipping)
     at ``sample_rate``: DP-SGD's steps are counted and auditable like every other release.
     """
+    if type(optimizer) is not DPOptimizer or not isinstance(optimizer.max_grad_norm, (int, float)):
+        # Per-layer or ghost clipping bound and noise the gradients otherwise than declared here.
+        raise TypeError(f"only Opacus's flat-clipping DPOptimizer is supported, got {type(optimizer).__name__}")
 
     def add_noise() -> None:
         params = optimizer.params

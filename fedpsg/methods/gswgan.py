@@ -221,6 +221,7 @@ def sanitise(
         step_sensitivity(max_norm, len(gradients)),
         sample_rate,
         clip=lambda rows: [clip_per_sample(rows[0].flatten(0, 1), 2 * max_norm).view_as(rows[0])],
+        rows=len(gradients),
     )
     (noisy,) = gaussian_mechanism(
         [clip_per_sample(gradients, max_norm)], noise_std, generator, contribution=contribution
