@@ -20,7 +20,7 @@ from fedpsg.audit.whitebox import (
     run_white_box,
 )
 from fedpsg.budget.ledger import Ledger
-from fedpsg.budget.policy import PartyPolicy
+from fedpsg.budget.policy import STATE_DIR_ENV, PartyPolicy
 from fedpsg.data.datasets import dataset_spec, load_images
 from fedpsg.dp.mechanisms import Contribution, clip_jointly, gaussian_mechanism, tapped
 from fedpsg.methods import PartyStage, get_method
@@ -145,7 +145,7 @@ def test_a_method_whose_noise_goes_missing_is_caught(tmp_path, data_dir, method)
 def test_the_command_line_audits_white_box_and_says_so(tmp_path, data_dir, monkeypatch, capsys):
     from fedpsg.audit.cli import main as audit_main
 
-    monkeypatch.setenv("FEDPSG_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "state"))  # the audit party's own folder
     out = tmp_path / "audit"
     command = ["--method", "dpmerf", "--white-box", "--eps", "1", "--profile", "tiny", "--canaries", "200"]
     command += ["--faults", "none,noise-removed", "--real", "300", "--data-dir", str(data_dir), "--out", str(out)]
