@@ -22,7 +22,7 @@ from fedpsg.continual.coordinator import Coordinator
 from fedpsg.continual.local import LocalParties
 from fedpsg.data.datasets import ImageSet, dataset_spec
 from fedpsg.dp.accounting import PrivacyRecord, private_record
-from fedpsg.dp.mechanisms import Contribution, clip_jointly, gaussian_mechanism
+from fedpsg.dp.mechanisms import Contribution, gaussian_mechanism
 from fedpsg.dp.secret import SecretRandomness
 from fedpsg.io.progress import Progress
 from fedpsg.methods import PLUGINS_ENV, Method, PartyStage, Release, method_names, register_method
@@ -72,7 +72,7 @@ class NoisyMeans(Method):
         images = images * (config.max_norm / images.norm(dim=1, keepdim=True)).clamp(max=1.0)
         sums = torch.stack([images[stage.data.labels == c].sum(0) for c in stage.classes])
         # Each example is in every release, in its class's row, clipped to max_norm (as above).
-        contribution = Contribution(config.max_norm, 1.0, clip=lambda rows: clip_jointly(rows, config.max_norm))
+        contribution = Contribution.clipped_jointly(config.max_norm, sample_rate=1.0)
         (noisy,) = gaussian_mechanism(
             [sums], plan.noise_multiplier * config.max_norm, secret.noise, contribution=contribution
         )

@@ -227,6 +227,29 @@ class AuditRun:
         }
 
 
+def audited_release(
+    method: Method,
+    stage: PartyStage,
+    config: Any,
+    ledger: Ledger,
+    policy: PartyPolicy,
+    purpose: str,
+    *,
+    control: bool,
+) -> Release:
+    """One audited run of ``method``, written to the party's ``ledger`` before it reads the data.
+
+    The audited run is charged like any release. A control's output (a fault, or no noise) stays
+    with the auditor, who is the party itself: no coordinator's trust is needed, but it did read
+    the data without (enough) noise, and is recorded as what it is: a non-private run.
+    """
+    if not control:
+        return charged_run(method, stage, config, ledger, policy, purpose)
+    planned = method.plan(replace(stage, epsilon=math.inf), config)
+    with ledger.release(planned, replace(policy, trust_coordinator=True), method=method.name, purpose=purpose):
+        return method.run(stage, config)
+
+
 def run_audit(
     method: Method,
     config: Any,
@@ -253,16 +276,8 @@ def run_audit(
     )
     purpose = f"audit of {method.name} ({variant})"
     started = time.perf_counter()
-    if variant == "private":
-        release = charged_run(method, audited, config, ledger, policy, purpose)
-    else:
-        # A control's output stays with the auditor, who is the party itself: no coordinator's trust is
-        # needed, but it did read the data without (enough) noise, and is recorded as what it is.
-        planned = method.plan(replace(audited, epsilon=math.inf), config)
-        control = replace(policy, trust_coordinator=True)
-        broken = noise_removed() if variant == "noise-removed" else nullcontext()
-        with ledger.release(planned, control, method=method.name, purpose=purpose), broken:
-            release = method.run(audited, config)
+    with noise_removed() if variant == "noise-removed" else nullcontext():
+        release = audited_release(method, audited, config, ledger, policy, purpose, control=variant != "private")
     scores = canary_scores(release, canaries, stage.spec, evaluation, stage.device, stage.seed)
     bound = bound_from_scores(scores, canaries.included, stage.delta)
     return AuditRun(variant, release.privacy.epsilon, bound, time.perf_counter() - started, release)

@@ -150,8 +150,11 @@ BLACK_BOX_CANARIES = 200
 WHITE_BOX_CANARIES = 1000
 
 
-def _audited_party(args: argparse.Namespace, settings) -> tuple[PartyPolicy, Ledger, ImageSet]:
-    """The party's policy and ledger (the request checked first) and its images of ``--classes``."""
+def _audited_party(
+    args: argparse.Namespace, settings, generator: torch.Generator
+) -> tuple[PartyPolicy, Ledger, ImageSet]:
+    """The party's policy and ledger (the request checked first) and its images of ``--classes``
+    (``--real`` of them, drawn with the auditor's public ``generator``)."""
     method, spec, epsilon, delta = settings.method, settings.spec, settings.epsilon, settings.delta
     folder = args.party_dir or default_state_dir() / "local"
     policy = load_policy(None, folder)
@@ -160,6 +163,9 @@ def _audited_party(args: argparse.Namespace, settings) -> tuple[PartyPolicy, Led
                          dataset=spec.name)  # fmt: skip
     policy.check_classes("this party", what, args.classes)
     train = load_images(spec.name, train=True, data_dir=args.data_dir).only_classes(args.classes)
+    if args.real is not None and args.real < len(train):
+        keep = torch.randperm(len(train), generator=generator)[: args.real]
+        train = ImageSet(train.images[keep], train.labels[keep])
     return policy, Ledger(folder, spec.name), train
 
 
@@ -173,10 +179,7 @@ def audit_white_box(args: argparse.Namespace, out: Path) -> dict:
         raise ValueError(f"unknown faults {sorted(unknown)}; available: {', '.join(FAULTS)}")
     if math.isinf(settings.epsilon):
         raise ValueError("a white-box audit needs a finite --eps: a non-private run has no mechanism to audit")
-    policy, ledger, train = _audited_party(args, settings)
-    if args.real is not None and args.real < len(train):
-        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: args.real]
-        train = ImageSet(train.images[keep], train.labels[keep])
+    policy, ledger, train = _audited_party(args, settings, torch.Generator().manual_seed(args.seed))
     stage = PartyStage(
         data=train, classes=args.classes, spec=spec, epsilon=settings.epsilon, delta=settings.delta, seed=args.seed,
         model=new_classifier(spec, evaluation, args.seed), device=settings.device,
@@ -249,15 +252,12 @@ def audit_fresh_run(args: argparse.Namespace, out: Path) -> dict:
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; available: {', '.join(VARIANTS)}")
 
-    # The audited runs read the party's data: each is charged to its lifetime ledger, checked first.
-    policy, ledger, train = _audited_party(args, settings)
-    test = load_images(spec.name, train=False, data_dir=args.data_dir)
     # The auditor's randomness (which canaries, which are in, which real images) is public: the
     # party's DP randomness stays its own secret inside method.run.
     generator = torch.Generator().manual_seed(args.seed)
-    if args.real is not None and args.real < len(train):
-        keep = torch.randperm(len(train), generator=generator)[: args.real]
-        train = ImageSet(train.images[keep], train.labels[keep])
+    # The audited runs read the party's data: each is charged to its lifetime ledger, checked first.
+    policy, ledger, train = _audited_party(args, settings, generator)
+    test = load_images(spec.name, train=False, data_dir=args.data_dir)
     canaries = mislabeled_canaries(test, args.classes, args.canaries or BLACK_BOX_CANARIES, generator)
     stage = PartyStage(
         data=train, classes=args.classes, spec=spec, epsilon=epsilon, delta=delta, seed=args.seed,

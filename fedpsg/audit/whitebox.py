@@ -50,8 +50,7 @@ from typing import Any
 import torch
 from scipy import optimize, stats
 
-from fedpsg.audit.canary import CONFIDENCE, bound_from_scores
-from fedpsg.budget.charge import charged_run
+from fedpsg.audit.canary import CONFIDENCE, audited_release, bound_from_scores
 from fedpsg.budget.ledger import Ledger
 from fedpsg.budget.policy import PartyPolicy
 from fedpsg.dp.mechanisms import Contribution, tapped
@@ -282,13 +281,7 @@ def run_white_box(
     purpose = f"white-box audit of {method.name} ({fault})"
     started = time.perf_counter()
     with tapped(tap):
-        if fault == "none":
-            release = charged_run(method, audited, config, ledger, policy, purpose)
-        else:
-            planned = method.plan(replace(audited, epsilon=math.inf), config)
-            control = replace(policy, trust_coordinator=True)  # the output stays with the auditor, the party
-            with ledger.release(planned, control, method=method.name, purpose=purpose):
-                release = method.run(audited, config)
+        release = audited_release(method, audited, config, ledger, policy, purpose, control=fault != "none")
     if tap.releases == 0:
         raise RuntimeError(f"{method.name} made no Gaussian release: nothing to audit (is epsilon infinite?)")
     seen = tap.observed > 0  # a group no release covered (an empty class) carries no evidence

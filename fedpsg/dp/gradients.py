@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fedpsg.dp.mechanisms import Contribution, clip_factors, clip_jointly, gaussian_mechanism
+from fedpsg.dp.mechanisms import Contribution, clip_factors, gaussian_mechanism
 from fedpsg.dp.secret import secret_generator
 
 GradSampler = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[nn.Parameter, torch.Tensor]]
@@ -251,7 +251,7 @@ def private_gradient(
     """
     clipped = clipped_gradient_sum(model, images, labels, max_grad_norm)
     std = noise_multiplier * max_grad_norm
-    contribution = Contribution(max_grad_norm, sample_rate, clip=lambda rows: clip_jointly(rows, max_grad_norm))
+    contribution = Contribution.clipped_jointly(max_grad_norm, sample_rate)
     noisy = gaussian_mechanism(
         clipped.grads, std, generator or secret_generator(clipped.grads[0].device), contribution=contribution
     )

@@ -46,6 +46,11 @@ class Contribution:
     group: int | None = None
     rows: int = 1
 
+    @classmethod
+    def clipped_jointly(cls, max_norm: float, sample_rate: float) -> Contribution:
+        """Per-example gradients clipped to ``max_norm`` over all tensors jointly (PSG, DP-SGD)."""
+        return cls(max_norm, sample_rate, clip=lambda rows: clip_jointly(rows, max_norm))
+
 
 class MechanismTap(Protocol):
     """What sees a Gaussian release from inside (the white-box audit)."""
@@ -139,7 +144,7 @@ def add_noise_with_mechanism(optimizer: DPOptimizer, sample_rate: float) -> None
             [p.summed_grad for p in params],
             optimizer.noise_multiplier * bound,
             optimizer.generator,
-            contribution=Contribution(bound, sample_rate, clip=lambda rows: clip_jointly(rows, bound)),
+            contribution=Contribution.clipped_jointly(bound, sample_rate),
             secure=optimizer.secure_mode,
         )
         for p, grad in zip(params, noisy):
