@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
+import signal
 import sys
+from pathlib import Path
 
 from fedpsg.data.datasets import DataNotFoundError, load_images
 from fedpsg.federated_gan.config import (
@@ -39,18 +42,32 @@ from fedpsg.federated_gan.config import (
     resolve_federated_settings,
 )
 from fedpsg.federated_gan.config import KIND as FEDERATED_GAN
-from fedpsg.runs.cli import add_run_arguments, common_settings, positive_int, settings_from_args
+from fedpsg.runs.cli import (
+    add_run_arguments,
+    common_settings,
+    positive_int,
+    run_config_from_args,
+    settings_from_args,
+)
 from fedpsg.runs.folder import ResumeMismatchError, check_resumable
-from fedpsg.runs.repeats import repeat_settings, run_repeats, run_repeats_together
+from fedpsg.runs.repeats import repeat_settings, run_repeats
 from fedpsg.runs.scenario import CONTINUAL, read_scenario, scenario_kind
 from fedpsg.runs.settings import RunSettings
-from fedpsg.simulation import TRUST_HELP, check_trust, simulate
+from fedpsg.simulation import (
+    TRUST_HELP,
+    SimulationResources,
+    check_trust,
+    place_repetitions,
+    prepare_parties,
+    simulate,
+)
 
 # Flags only one scenario kind reads: given for the other kind they are an error, not ignored.
 ONLY_FOR = {
     CONTINUAL: ("--replay", "--stages", "--stage-timeout", "--reconnect-timeout", "--stage-retries"),
     FEDERATED_GAN: ("--parties", "--split", "--round-timeout"),
 }
+LOG_RECORD_START = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")  # fedpsg.runs.folder.run_log's format
 REPEATED_OUTPUTS = "results.csv, statistics.csv, summary.json, accuracy.png, report.md"
 OUTPUTS = {  # what the closing line points to
     CONTINUAL: "results.csv, summary.json, accuracy.png, report.md, grids/",
@@ -79,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds to wait for a round's replies ({DEFAULT_ROUND_TIMEOUT:g})",
     )
     parser.add_argument("--ray-address", default=None, help="run on an existing Ray cluster (e.g. 'auto')")
-    parser.add_argument("--party-cpus", type=float, default=1.0, help="Ray CPUs reserved per party")
+    parser.add_argument("--party-cpus", type=positive_int, default=1, help="Ray CPUs reserved per party (whole)")
     parser.add_argument("--party-gpus", type=float, default=None, help="Ray GPUs per party (default: 1 on CUDA)")
     parser.add_argument("--trust-coordinator", action="store_true", help=TRUST_HELP)
     return parser
@@ -128,37 +145,74 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ResumeMismatchError) as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fedpsg").setLevel(logging.INFO)  # Flower's import may have configured the root logger
     try:  # fail before starting Ray if the coordinator's test data is missing
         load_images(runs[0].scenario.dataset, train=False, data_dir=runs[0].data_dir)
     except DataNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    def completed(settings: RunSettings | FedGANSettings) -> bool:
+    # A `kill` stops the run as Ctrl-C does: the runtime's processes stop with this one.
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+
+    def completed(settings: RunSettings | FedGANSettings, status: str) -> bool:
         if not (settings.out / "DONE").exists():
             log = settings.out / "run.log"
-            errors = [line for line in log.read_text().splitlines() if " ERROR " in line] if log.exists() else []
-            print(f"error: the run did not complete; see {log}", *errors[-1:], sep="\n", file=sys.stderr)
+            errors = last_error(log.read_text()) if log.exists() else []
+            where = f"{log} and the runtime's logs in {flower_logs(settings.out)}"
+            print(f"error: the run did not complete ({status}); see {where}", *errors, sep="\n", file=sys.stderr)
             return False
         return True
 
-    def run_one(settings: RunSettings | FedGANSettings) -> bool:
-        simulate(settings, args.ray_address, args.party_cpus, args.party_gpus, args.trust_coordinator)
-        return completed(settings)
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
+    gpus = args.party_gpus if args.party_gpus is not None else (1.0 if runs[0].device.startswith("cuda") else 0.0)
+    resources = SimulationResources(args.party_cpus, gpus, args.ray_address)
 
-    def run_together(repetitions: list[RunSettings]) -> list[bool]:
-        simulate(repetitions, args.ray_address, args.party_cpus, args.party_gpus, args.trust_coordinator)
-        return [completed(repetition) for repetition in repetitions]
+    def run_config(settings: RunSettings | FedGANSettings, out: Path) -> dict:
+        return run_config_from_args(args, out=out.resolve(), data_dir=data_dir, epsilon=settings.epsilon)
+
+    def run_one(settings: RunSettings | FedGANSettings) -> bool:
+        """One run, or one repetition (its own folder and seed), on a runtime of its own."""
+        config = {**run_config(settings, settings.out), "seed": settings.seed, "repeats": 1}
+        state_dir = prepare_parties(settings, args.trust_coordinator)
+        status = simulate(config, settings.num_partitions, state_dir, flower_logs(settings.out), resources, data_dir)
+        return completed(settings, status)
+
+    def run_together(settings: RunSettings) -> bool:
+        """Every repetition at once, each with nodes of its own; the ServerApp writes their joint outputs."""
+        repetitions = repeat_settings(settings, args.repeats)
+        config = {**run_config(settings, settings.out), "repeats-together": True}
+        state_dir = place_repetitions(repetitions, args.trust_coordinator)
+        nodes = sum(r.num_partitions for r in repetitions)
+        status = simulate(config, nodes, state_dir, flower_logs(settings.out), resources, data_dir)
+        return all([completed(repetition, status) for repetition in repetitions])
 
     for settings in runs:
         if kind == CONTINUAL and args.repeats > 1:  # repetitions side by side in one simulation
-            if not run_repeats_together(settings, args.repeats, run_together):
+            if not run_together(settings):
                 return 1
         elif not run_repeats(settings, args.repeats, run_one):
             return 1
         outputs = OUTPUTS[kind] if args.repeats == 1 else f"{REPEATED_OUTPUTS} (and each repeat-<r>/)"
         print(f"results in {settings.out}: {outputs}")
     return 0
+
+
+def last_error(log: str) -> list[str]:
+    """The last ERROR record of a run log, all its lines (a party's reason can follow a traceback)."""
+    records: list[list[str]] = []
+    for line in log.splitlines():
+        if LOG_RECORD_START.match(line) or not records:
+            records.append([line])
+        else:
+            records[-1].append(line)
+    errors = [record for record in records if " ERROR " in record[0]]
+    return errors[-1] if errors else []
+
+
+def flower_logs(out: Path) -> Path:
+    """Where the simulation runtime of a run in ``out`` keeps its logs and state."""
+    return out / "flower"
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""A scenario on Flower's simulation engine (Ray), and the policies of its virtual parties.
+"""A scenario on Flower's simulation runtime (the one behind ``flwr run``), and its virtual parties.
 
-:func:`simulate` runs either scenario kind with ``flwr.simulation.run_simulation``; the command
-line is ``fedpsg.simulate``. A continual run keeps as many stages in flight as Ray has party
-slots (``cpus // party_cpus``), so independent stages run side by side.
+:func:`simulate` starts a simulation SuperLink for a run, submits the app with ``flwr run`` and
+streams the run's log; the command line is ``fedpsg.simulate``. A continual run keeps as many
+stages in flight as Ray has party slots (``cpus // party_cpus``), so independent stages run side
+by side.
 
 In a deployment every party writes its own policy (:mod:`fedpsg.budget.policy`); in a simulation one
 user plays all parties, so the launcher writes them, once per run folder: each virtual party holds
@@ -12,21 +13,27 @@ lifetime budget of one run per private method. Non-private requests need ``--tru
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
-import sys
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedpsg.budget.policy import POLICY_FILE, STATE_DIR_ENV, DataShare, PartyPolicy, load_policy, party_dir
 from fedpsg.data.datasets import DATA_DIR_ENV
 from fedpsg.federated_gan.config import FedGANSettings
+from fedpsg.runs.repeats import side_by_side
 from fedpsg.runs.settings import RunSettings
+from fedpsg.runs.superlink import FlowerProcesses, run_config_string
+
+log = logging.getLogger("fedpsg.simulation")
 
 NON_PRIVATE_METHODS = ("fedavg-gan",)
 WRITTEN_BY_SIMULATION = "# written by the simulation for a virtual party: rewritten when the run resumes\n"
 RAY_WORKER_NICENESS = "RAY_worker_niceness"  # read by Ray when it starts its raylet
 TORCH_THREADS_ENV = "FEDPSG_TORCH_THREADS"  # read by the ClientApp (clients/app.py)
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # a Ray job's config, read by ray.init (Ray Jobs sets it)
 TRUST_HELP = "the simulated parties trust the coordinator: they also answer non-private requests (eps inf, fedavg-gan)"
 
 
@@ -85,90 +92,86 @@ def prepare_parties(settings: RunSettings | FedGANSettings, trust_coordinator: b
     return state_dir
 
 
+@dataclass(frozen=True)
+class SimulationResources:
+    """What the simulation's parties get: Ray CPUs (and GPUs) per party, and an existing Ray cluster to run on."""
+
+    party_cpus: int = 1  # Flower's simulation runtime takes whole CPUs per SuperNode
+    party_gpus: float = 0.0
+    ray_address: str | None = None
+
+    def slots(self, nodes: int) -> int:
+        """Party jobs in flight at once: one per Ray party slot of this machine (a cluster's own queue
+        bounds the rest), so that side-by-side stages do not oversubscribe the cores."""
+        if self.ray_address:
+            return nodes
+        return max(1, min(nodes, int((os.cpu_count() or 1) // self.party_cpus)))
+
+    def threads(self) -> int:
+        return self.party_cpus
+
+    def federation_config(self, nodes: int) -> str:
+        values = {
+            "num-supernodes": nodes,
+            "client-resources-num-cpus": int(self.party_cpus),
+            "client-resources-num-gpus": float(self.party_gpus),
+        }
+        if not self.ray_address:  # a cluster brings its own resources
+            values["init-args-num-cpus"] = os.cpu_count() or 1
+        return run_config_string(values)
+
+    def environment(self, state_dir: Path, data_dir: str | None) -> dict[str, str]:
+        """What the simulation runtime and its Ray workers read (the SuperLink's children inherit it)."""
+        env = {STATE_DIR_ENV: str(state_dir), TORCH_THREADS_ENV: str(self.threads())}
+        if data_dir:
+            env[DATA_DIR_ENV] = str(Path(data_dir).resolve())
+        # Ray starts its workers 15 nice levels above the process that starts its raylet: beside any
+        # ordinary process the parties would starve (a test suite beside a simulation took 3x as
+        # long). An increment of 0: workers run at the driver's priority.
+        env[RAY_WORKER_NICENESS] = os.environ.get(RAY_WORKER_NICENESS, "0")
+        if self.ray_address:
+            # Workers on other nodes are started by their own raylets and inherit none of this
+            # environment: Ray hands a job's runtime environment to every worker of the job; the
+            # runtime's ray.init reads it from here, as it does for a job submitted to the cluster.
+            worker_env = {name: env[name] for name in (STATE_DIR_ENV, DATA_DIR_ENV, TORCH_THREADS_ENV) if name in env}
+            env["RAY_ADDRESS"] = self.ray_address
+            env[RAY_JOB_CONFIG_ENV] = json.dumps({"runtime_env": {"env_vars": worker_env}})
+        return env
+
+
 def simulate(
-    settings: RunSettings | FedGANSettings | list[RunSettings],
-    ray_address: str | None = None,
-    party_cpus: float = 1.0,
-    party_gpus: float | None = None,
-    trust_coordinator: bool = False,
-) -> None:
-    """Run the scenario with ``flwr.simulation.run_simulation`` (Ray backend).
+    run_config: dict, nodes: int, state_dir: Path, workdir: Path, resources: SimulationResources, data_dir: str | None
+) -> str:
+    """Run ``run_config`` on Flower's simulation runtime and return the run's final status.
 
-    A list of continual settings (the repetitions of ``--repeats``) runs side by side in one
-    simulation: each repetition keeps its own virtual parties (their folders and ledgers under
-    its own run folder), as nodes of their own, and the stages of all of them share the cores.
+    A simulation SuperLink (``flower-superlink --simulation``) starts for the run, with logs and
+    its state in ``workdir``; ``flwr run`` submits this repository's app to it with ``nodes``
+    virtual SuperNodes on Ray, the run's log streams here, and the SuperLink stops with the run.
+    The parties read their folders under ``state_dir``.
     """
-    import torch
-    from flwr.simulation import run_simulation
-
-    from clients.app import app as client_app
-    from server.app import make_server_app
-
-    if isinstance(settings, list):
-        state_dir, placed = place_repetitions(settings, trust_coordinator)
-        first, nodes = settings[0], sum(s.num_partitions for s in settings)
-    else:
-        state_dir, placed = prepare_parties(settings, trust_coordinator), settings
-        first, nodes = settings, settings.num_partitions
-    # Parties run in Ray actors: they read their folder (policy, ledger) from the environment.
-    os.environ[STATE_DIR_ENV] = str(state_dir)
-    if first.data_dir:  # parties run in Ray actors: they read the data root from the environment
-        os.environ[DATA_DIR_ENV] = str(os.path.abspath(first.data_dir))
-    # Ray starts its workers 15 nice levels above the process that starts its raylet: beside any
-    # ordinary process the parties would starve (a test suite beside a simulation took 3x as
-    # long). An increment of 0: workers run at the driver's priority.
-    os.environ.setdefault(RAY_WORKER_NICENESS, "0")
-    gpus = party_gpus if party_gpus is not None else (1.0 if first.device.startswith("cuda") else 0.0)
-    init_args: dict = {"num_cpus": os.cpu_count() or 1}
-    # As many stages in flight as Ray has party slots here (a cluster's own queue bounds the rest),
-    # each party with the threads of its slot, so that side-by-side stages do not oversubscribe.
-    slots = nodes if ray_address else int((os.cpu_count() or 1) // party_cpus)
-    os.environ.setdefault(TORCH_THREADS_ENV, str(max(1, int(party_cpus))))
-    if ray_address:
-        connect_to_cluster(ray_address)
-    else:  # the coordinator's evaluations take a slot of these cores, with a slot's threads
-        torch.set_num_threads(int(os.environ[TORCH_THREADS_ENV]))
-    server_app = make_server_app(placed, max(1, min(slots, nodes)), evaluations_share_slots=not ray_address)
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=nodes,
-        backend_name="ray",
-        backend_config={"client_resources": {"num_cpus": party_cpus, "num_gpus": gpus}, "init_args": init_args},
-    )
+    run_config = {**run_config, "parallel-jobs": resources.slots(nodes)}
+    if not resources.ray_address:  # the coordinator's evaluations take a slot of these cores
+        run_config["evaluation-threads"] = resources.threads()
+    env = resources.environment(state_dir, data_dir)
+    with FlowerProcesses(workdir, env=env, simulation=True) as superlink:
+        run_id = superlink.submit(run_config_string(run_config), resources.federation_config(nodes))
+        log.info(
+            "run %d submitted to the simulation runtime (%d virtual SuperNodes); its logs: %s", run_id, nodes, workdir
+        )
+        return superlink.follow(run_id)
 
 
-def place_repetitions(repetitions: list[RunSettings], trust_coordinator: bool) -> tuple[Path, list[RunSettings]]:
-    """Give each repetition's parties node ids of their own: repetition r's party k is node
-    ``r * parties + k``, whose folder ``<out>/nodes/party-<id>`` links to the repetition's own
-    ``repeat-<r>/parties/party-<k>``. Returns that node folder and the placed settings."""
+def place_repetitions(repetitions: list[RunSettings], trust_coordinator: bool) -> Path:
+    """Give each repetition's parties nodes of their own (``fedpsg.runs.repeats.side_by_side``):
+    repetition r's party k is node ``r * parties + k``, whose folder ``<out>/nodes/party-<id>`` links
+    to the repetition's own ``repeat-<r>/parties/party-<k>``. Returns that node folder."""
     nodes = repetitions[0].out.parent / "nodes"
-    placed, offset = [], 0
-    for repetition in repetitions:
+    for repetition in side_by_side(repetitions):
         state_dir = prepare_parties(repetition, trust_coordinator)
         for k in range(repetition.num_partitions):
-            link, target = party_dir(offset + k, nodes), party_dir(k, state_dir)
+            link, target = party_dir(repetition.first_partition + k, nodes), party_dir(k, state_dir)
             link.parent.mkdir(parents=True, exist_ok=True)
             if link.is_symlink():
                 link.unlink()
             link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
-        placed.append(replace(repetition, first_partition=offset))
-        offset += repetition.num_partitions
-    return nodes.resolve(), placed
-
-
-def connect_to_cluster(address: str) -> None:
-    """Join the Ray cluster at ``address`` before Flower would, handing every worker what a party reads.
-
-    Workers on other nodes are started by their own raylet, not by this process: they inherit
-    none of its environment. Flower's backend then finds Ray initialised and uses it. The run
-    folder, the parties' folders and the data must be on a file system every node sees.
-    """
-    import ray
-
-    names = (STATE_DIR_ENV, DATA_DIR_ENV, TORCH_THREADS_ENV)
-    env_vars = {name: os.environ[name] for name in names if name in os.environ}
-    env_vars["PYTHONPATH"] = os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")]).strip(os.pathsep)
-    if ray.is_initialized():  # a repetition before this one joined with its own party folders
-        ray.shutdown()
-    ray.init(address=address, runtime_env={"env_vars": env_vars}, include_dashboard=False)
+    return nodes.resolve()

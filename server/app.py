@@ -11,18 +11,28 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedpsg.continual.coordinator import Coordinator
 from fedpsg.continual.protocol import TrainRequest, decode_reply, encode_train_request
-from fedpsg.federated_gan.config import FedGANSettings
+from fedpsg.federated_gan.config import KIND as FEDERATED_GAN
+from fedpsg.federated_gan.config import FedGANSettings, federated_settings_from_run_config
 from fedpsg.federated_gan.coordinator import FedGANRun
 from fedpsg.methods import Release
 from fedpsg.runs.folder import PartyError, PartyUnavailable
-from fedpsg.runs.repeats import run_repeats
-from fedpsg.runs.settings import RunSettings, positive_int_from_run_config, settings_from_run_config
+from fedpsg.runs.repeats import run_repeats, run_repeats_together, side_by_side
+from fedpsg.runs.scenario import scenario_kind
+from fedpsg.runs.settings import (
+    DEFAULT_SCENARIO,
+    RunConfig,
+    RunSettings,
+    as_bool,
+    positive_int_from_run_config,
+    settings_from_run_config,
+)
 
 log = logging.getLogger("fedpsg.server")
 
@@ -122,34 +132,33 @@ class GridParties:
         return results
 
 
-def make_server_app(
-    settings: RunSettings | FedGANSettings | list[RunSettings] | None = None,
-    parallel_jobs: int | None = None,
-    evaluations_share_slots: bool = False,
-) -> ServerApp:
-    """A ServerApp for ``settings``, or one that reads them from the Flower run config.
+def make_server_app() -> ServerApp:
+    """A ServerApp that reads its run from the Flower run config (``fedpsg.runs.settings.RUN_CONFIG_KEYS``).
 
-    A list of continual settings (repetitions whose parties are nodes of their own, see
-    ``RunSettings.first_partition``) runs side by side, sharing the Grid. ``parallel_jobs``:
-    party jobs in flight at once, in all (default: the run config's ``parallel-jobs``, else one
-    per party, as in a deployment where every party is a node of its own).
-    ``evaluations_share_slots``: the parties run on this machine's cores (a simulation), so an
-    evaluation waits for one of those slots too.
+    ``repeats``: repetitions, one after another (each its own run folder and public seed); with
+    ``repeats-together`` all at once, repetition r's party k being partition ``r * parties + k``
+    (a simulation whose launcher gave every repetition nodes of its own: ``fedpsg.simulate``).
+    ``parallel-jobs``: party jobs in flight at once, in all (default: one per party, as in a
+    deployment where every party is a node of its own). ``evaluation-threads``: set when the
+    parties run on this machine's cores (a simulation): each evaluation then waits for one of those
+    slots and uses that many threads.
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        if isinstance(settings, list):
-            parties = GridParties(grid, parallel_jobs or len(settings), evaluations_share_slots=evaluations_share_slots)
-            run_side_by_side(parties, settings)
-            return
         config = dict(context.run_config)
-        run_settings = settings or settings_from_run_config(config)
-        # A simulation runs each repetition as a simulation of its own (fedpsg.simulate --repeats).
-        repeats = 1 if settings is not None else positive_int_from_run_config(config, "repeats", 1)
-        jobs = parallel_jobs or positive_int_from_run_config(config, "parallel-jobs", run_settings.num_partitions)
-        parties = GridParties(grid, capacity=jobs, evaluations_share_slots=evaluations_share_slots)
+        values = RunConfig(config)
+        if scenario_kind(values.get("scenario") or DEFAULT_SCENARIO) == FEDERATED_GAN:
+            run_settings = federated_settings_from_run_config(config)
+        else:
+            run_settings = settings_from_run_config(config)
+        repeats = positive_int_from_run_config(config, "repeats", 1)
+        jobs = positive_int_from_run_config(config, "parallel-jobs", run_settings.num_partitions)
+        threads = values.get("evaluation-threads", int)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        parties = GridParties(grid, capacity=jobs, evaluations_share_slots=threads is not None)
 
         def run_one(repetition: RunSettings | FedGANSettings) -> bool:
             if isinstance(repetition, FedGANSettings):
@@ -158,7 +167,16 @@ def make_server_app(
                 Coordinator(repetition).run(parties)
             return True  # a run that does not complete raises
 
-        run_repeats(run_settings, repeats, run_one)
+        def run_all(repetitions: list[RunSettings]) -> list[bool]:
+            run_side_by_side(parties, side_by_side(repetitions))
+            return [True] * len(repetitions)
+
+        if values.get("repeats-together", as_bool):
+            if isinstance(run_settings, FedGANSettings):
+                raise ValueError("repeats-together is for continual scenarios")
+            run_repeats_together(run_settings, repeats, run_all)
+        else:
+            run_repeats(run_settings, repeats, run_one)
 
     return app
 

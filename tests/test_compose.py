@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedpsg.deploy import superlink_command, supernode_command
+from fedpsg.deploy import supernode_command
+from fedpsg.runs.superlink import superlink_command
 
 REPO = Path(__file__).resolve().parents[1]
 CERTS = Path("/certificates")

@@ -6,7 +6,8 @@ import time
 import pandas as pd
 import pytest
 
-from fedpsg.deploy import LocalDeployment, run_config_string
+from fedpsg.deploy import LocalDeployment
+from fedpsg.runs.superlink import run_config_string
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,7 @@ def check_results(out, stages: int) -> pd.DataFrame:
 
 def test_insecure_topology_completes_its_stages(tmp_path, data_dir):
     out = tmp_path / "results"
-    with LocalDeployment(tmp_path / "processes", str(data_dir)) as deployment:
+    with LocalDeployment(tmp_path / "processes", data_dir=str(data_dir)) as deployment:
         run_id = deployment.submit(config(out, data_dir, stages=3))
         assert deployment.wait(run_id, timeout=900) == "finished:completed"
     check_results(out, 3)
@@ -37,7 +38,7 @@ def test_insecure_topology_completes_its_stages(tmp_path, data_dir):
 
 def test_tls_with_supernode_authentication(tmp_path, data_dir):
     out = tmp_path / "results"
-    with LocalDeployment(tmp_path / "processes", str(data_dir), tls=True, auth=True) as deployment:
+    with LocalDeployment(tmp_path / "processes", data_dir=str(data_dir), tls=True, auth=True) as deployment:
         run_id = deployment.submit(config(out, data_dir, stages=2))
         assert deployment.wait(run_id, timeout=900) == "finished:completed"
     check_results(out, 2)
@@ -47,7 +48,7 @@ def test_tls_with_supernode_authentication(tmp_path, data_dir):
 def test_a_party_killed_mid_stage_comes_back_and_the_run_completes(tmp_path, data_dir):
     out = tmp_path / "results"
     log = out / "run.log"
-    with LocalDeployment(tmp_path / "processes", str(data_dir)) as deployment:
+    with LocalDeployment(tmp_path / "processes", data_dir=str(data_dir)) as deployment:
         run_id = deployment.submit(config(out, data_dir, stages=3, **{"reconnect-timeout": 300.0}))
         deadline = time.monotonic() + 300
         while not (log.exists() and "psg stage 2/3: party 1" in log.read_text()):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -195,6 +196,19 @@ def run_simulation(out, data_dir, *extra) -> subprocess.Popen:
     )
 
 
+def running_in(out) -> list[str]:
+    """Command lines of live processes that name ``out`` (the simulation SuperLink names its database there)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(out) in text and "pytest" not in text:
+            found.append(text)
+    return found
+
+
 @pytest.mark.slow
 def test_a_flower_simulation_writes_its_outputs_and_resumes_after_interruption(tmp_path, data_dir):
     out, rounds = tmp_path / "run", 6
@@ -205,10 +219,11 @@ def test_a_flower_simulation_writes_its_outputs_and_resumes_after_interruption(t
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and first.poll() is None:  # interrupt once two rounds are on disk
         if checkpoint.exists() and torch.load(checkpoint, weights_only=False)["state"].next_round >= 2:
-            os.killpg(first.pid, signal.SIGKILL)
+            os.killpg(first.pid, signal.SIGTERM)  # `kill`, or Ctrl-C: the runtime stops with the command
             break
         time.sleep(0.1)
     first.wait(timeout=60)
+    assert not running_in(out)  # the simulation SuperLink and its runtime are gone too
     assert not (out / "DONE").exists()
     done_before = torch.load(checkpoint, weights_only=False)["state"].next_round
     assert 2 <= done_before < rounds

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from fedpsg.deploy import BIN, REPO, free_port, wait_for_control_api
+from fedpsg.runs.superlink import BIN, REPO, free_port, wait_for_control_api
 
 
 @pytest.mark.slow

@@ -116,6 +116,9 @@ def test_toy_method_runs_through_the_flower_simulation(tmp_path, data_dir):
     output = result.stdout + result.stderr
     assert "[party 1] toy stage 2" in output  # progress from inside the Ray actor
     assert f"thread(s) at nice {os.nice(0)}" in output  # Ray's workers at the driver's priority, not at 15
+    # Flower's supported runtime (a simulation SuperLink and `flwr run`), not the deprecated run_simulation.
+    assert "Starting Flower Simulation" in output and "`run_simulation` function is deprecated" not in output
+    assert (tmp_path / "flower" / "superlink.log").exists()
 
 
 # ---- what the base class's run() lets out -------------------------------------------------------

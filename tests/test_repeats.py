@@ -15,9 +15,9 @@ from flwr.app import Context, RecordDict
 
 from fedpsg.continual.coordinator import Coordinator
 from fedpsg.continual.local import LocalParties
-from fedpsg.deploy import REPO
 from fedpsg.runs.repeats import mean_interval, paired_differences, repeat_settings, repeat_statistics, run_repeats
 from fedpsg.runs.settings import positive_int_from_run_config, resolve_settings
+from fedpsg.runs.superlink import REPO
 from server.app import make_server_app
 from tests.inprocess import InProcessGrid, patch_task_identity
 from tests.test_plugin_method import FAST  # registers the toy method: the fastest real DP release

@@ -14,8 +14,15 @@ from fedpsg.dp.accounting import validate_budget
 from fedpsg.io.files import strict_json
 from fedpsg.nn.evaluation import EvalConfig
 from fedpsg.nn.gan import GANConfig
-from fedpsg.runs.scenario import scenario_fields
-from fedpsg.runs.settings import apply_overrides, format_epsilon, override_sections, resolve_device, resolve_profile
+from fedpsg.runs.scenario import read_scenario, scenario_fields
+from fedpsg.runs.settings import (
+    RunConfig,
+    apply_overrides,
+    format_epsilon,
+    override_sections,
+    resolve_device,
+    resolve_profile,
+)
 
 KIND = "federated-gan"
 METHODS = ("fed-gswgan", "fedavg-gan")
@@ -231,6 +238,20 @@ def resolve_federated_settings(
         out=Path(out),
         data_dir=data_dir,
         round_timeout=round_timeout,
+    )
+
+
+def federated_settings_from_run_config(config: Mapping[str, Any]) -> FedGANSettings:
+    """A federated GAN run's settings from Flower run-config values ("" means: the default); the
+    continual runs' keys (spc, replay, stages, stage timeouts) are not read."""
+    values = RunConfig(config)
+    path, scenario = read_scenario(values.get("scenario"))
+    return resolve_federated_settings(
+        read_federated_scenario(path, scenario),
+        parties=values.get("parties", int),
+        split=values.get("split"),
+        round_timeout=values.get("round-timeout", float) or DEFAULT_ROUND_TIMEOUT,
+        **values.common(),
     )
 
 

@@ -160,6 +160,40 @@ def settings_from_args(args: argparse.Namespace) -> list[RunSettings]:
     return runs
 
 
+def run_config_from_args(
+    args: argparse.Namespace, *, out: Path, data_dir: str | None, epsilon: float | None = None
+) -> dict[str, Any]:
+    """The Flower run config the parsed flags mean (keys of ``fedpsg.runs.settings.RUN_CONFIG_KEYS``);
+    ``epsilon``: one run of a sweep. Flags left at "the scenario's default" are left out."""
+    scenario = Path(args.scenario)
+    eps = [epsilon] if epsilon is not None else args.eps
+    values = {
+        # The ServerApp runs in the SuperLink's folder: a scenario file is named by its absolute path.
+        "scenario": str(scenario.resolve()) if scenario.suffix in (".yaml", ".yml") else args.scenario,
+        "eps": ",".join(format_epsilon(e) for e in eps) if eps else None,
+        "delta": args.delta,
+        "spc": args.spc,
+        "methods": args.methods,
+        "profile": args.profile,
+        "replay": args.replay,
+        "seed": args.seed,
+        "stages": args.stages,
+        "device": args.device,
+        "stage-timeout": args.stage_timeout,
+        "reconnect-timeout": args.reconnect_timeout,
+        "stage-retries": args.stage_retries,
+        "set": " ".join(args.overrides) or None,
+        "repeats": args.repeats,
+        "parallel-jobs": getattr(args, "parallel_jobs", None),
+        "parties": getattr(args, "parties", None),
+        "split": getattr(args, "split", None),
+        "round-timeout": getattr(args, "round_timeout", None),
+        "out": str(out),
+        "data-dir": data_dir,
+    }
+    return {k: v for k, v in values.items() if v is not None}
+
+
 @dataclass(frozen=True)
 class PartySettings:
     """One party's method run (``generate``, ``audit``): every setting resolved and validated."""

@@ -235,6 +235,12 @@ def write_repeat_outputs(out: Path, repetitions: Sequence[Settings]) -> dict | N
     return summary
 
 
+def side_by_side(repetitions: Sequence[Settings]) -> list[Settings]:
+    """Repetitions to run at once on one set of nodes: repetition r's party k becomes partition
+    ``r * parties + k`` (``RunSettings.first_partition``), a node of its own."""
+    return [replace(rep, first_partition=r * rep.num_partitions) for r, rep in enumerate(repetitions)]
+
+
 def run_repeats(settings: Settings, repeats: int, run_one: Callable[[Settings], bool]) -> bool:
     """Run the repetitions of ``settings`` one after another (``run_one`` returns whether one
     completed), writing the joint outputs after each; stop at the first that does not complete."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import types
 import typing
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -320,11 +320,58 @@ def resolve_settings(
     )
 
 
-# Keys of ``[tool.flwr.app.config]`` / ``flwr run --run-config``: the flags of fedpsg.simulate.
+# Keys of ``[tool.flwr.app.config]`` / ``flwr run --run-config``: the flags of fedpsg.simulate, and
+# two that fedpsg.simulate sets for a simulation on one machine (see server/app.py).
 RUN_CONFIG_KEYS = (
     "scenario", "eps", "delta", "spc", "methods", "profile", "replay", "seed", "stages", "device", "out",
     "data-dir", "stage-timeout", "reconnect-timeout", "stage-retries", "set", "repeats", "parallel-jobs",
+    "parties", "split", "round-timeout", "repeats-together", "evaluation-threads",
 )  # fmt: skip
+FEDERATED_GAN_RUN_CONFIG_KEYS = ("parties", "split", "round-timeout")  # continual runs leave them ""
+
+
+def as_bool(value: Any) -> bool:
+    """A run-config boolean: TOML's true/false, or the words a shell gives."""
+    if isinstance(value, bool):
+        return value
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if str(value).lower() not in words:
+        raise ValueError(f"expected true or false, got {value!r}")
+    return words[str(value).lower()]
+
+
+class RunConfig:
+    """Flower run-config values, where "" (or a missing key) means: the scenario's / profile's default."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        unknown = set(config) - set(RUN_CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"unknown run-config keys {sorted(unknown)}; known: {', '.join(RUN_CONFIG_KEYS)}")
+        self.config = config
+
+    def get(self, key: str, convert: Callable[[Any], Any] = str) -> Any:
+        value = self.config.get(key)
+        return None if value in ("", None) else convert(value)
+
+    def epsilon(self) -> float | None:
+        epsilons = self.get("eps", parse_epsilons)
+        if epsilons is not None and len(epsilons) != 1:
+            raise ValueError("a Flower run takes one eps; run a sweep with python -m fedpsg.simulate --eps 1,10")
+        return epsilons[0] if epsilons else None
+
+    def common(self) -> dict[str, Any]:
+        """What both scenario kinds read, as keyword arguments of either kind's ``resolve_*settings``."""
+        return {
+            "epsilon": self.epsilon(),
+            "delta": self.get("delta", float),
+            "methods": self.get("methods", parse_methods),
+            "profile": self.get("profile"),
+            "seed": self.get("seed", int) or 0,
+            "device": self.get("device"),
+            "out": self.get("out"),
+            "data_dir": self.get("data-dir"),
+            "overrides": self.get("set") or "",
+        }
 
 
 def positive_int_from_run_config(config: Mapping[str, Any], key: str, default: int) -> int:
@@ -337,33 +384,19 @@ def positive_int_from_run_config(config: Mapping[str, Any], key: str, default: i
 
 
 def settings_from_run_config(config: Mapping[str, Any]) -> RunSettings:
-    """RunSettings from Flower run-config values ("" means: the scenario's / profile's default)."""
-    unknown = set(config) - set(RUN_CONFIG_KEYS)
-    if unknown:
-        raise ValueError(f"unknown run-config keys {sorted(unknown)}; known: {', '.join(RUN_CONFIG_KEYS)}")
-
-    def get(key: str, convert=str):
-        value = config.get(key)
-        return None if value in ("", None) else convert(value)
-
-    epsilons = get("eps", parse_epsilons)
-    if epsilons is not None and len(epsilons) != 1:
-        raise ValueError("a Flower run takes one eps; run a sweep with python -m fedpsg.simulate --eps 1,10")
+    """A continual run's RunSettings from Flower run-config values ("" means: the default)."""
+    values = RunConfig(config)
+    given = [key for key in FEDERATED_GAN_RUN_CONFIG_KEYS if values.get(key) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: for federated-gan scenarios only")
+    retries = values.get("stage-retries", int)
     return resolve_settings(
-        get("scenario") or DEFAULT_SCENARIO,
-        epsilon=epsilons[0] if epsilons else None,
-        delta=get("delta", float),
-        spc=get("spc", int),
-        profile=get("profile"),
-        seed=get("seed", int) or 0,
-        out=get("out"),
-        stages=get("stages", int),
-        device=get("device"),
-        methods=get("methods", parse_methods),
-        replay=get("replay"),
-        data_dir=get("data-dir"),
-        stage_timeout=get("stage-timeout", float) or DEFAULT_STAGE_TIMEOUT,
-        reconnect_timeout=get("reconnect-timeout", float) or DEFAULT_RECONNECT_TIMEOUT,
-        stage_retries=get("stage-retries", int) if get("stage-retries") is not None else DEFAULT_STAGE_RETRIES,
-        overrides=get("set") or "",
+        values.get("scenario") or DEFAULT_SCENARIO,
+        spc=values.get("spc", int),
+        stages=values.get("stages", int),
+        replay=values.get("replay"),
+        stage_timeout=values.get("stage-timeout", float) or DEFAULT_STAGE_TIMEOUT,
+        reconnect_timeout=values.get("reconnect-timeout", float) or DEFAULT_RECONNECT_TIMEOUT,
+        stage_retries=DEFAULT_STAGE_RETRIES if retries is None else retries,
+        **values.common(),
     )
