@@ -16,7 +16,8 @@ Selection never sees the test images: once every point of a (method, dataset, ep
 done, the point with the best validation accuracy is chosen, and only that point's release is
 tested on the test split (fresh classifiers, same seeds). Writes ``utility.csv`` (one row per
 point: method, dataset, eps, overrides, generation wall / CPU seconds, validation accuracy
-mean/std, and, on the chosen row only, the test accuracy), ``releases/`` (each point's DP
+mean/std, and, on the chosen row only, the test accuracy and the reversed utility real2gen:
+classifiers trained on the validation images, tested on the release), ``releases/`` (each point's DP
 release, so that the chosen one can be tested) and ``utility.png`` (validation accuracy vs
 generation seconds, one panel per dataset and eps, the chosen point's test accuracy as a star,
 the published test figures as reference lines). Run it on a quiet machine: it prints the load
@@ -42,7 +43,7 @@ from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa
 
 from fedpsg.data.datasets import DEFAULT_VALIDATION_PER_CLASS, ImageSet, dataset_spec, load_split  # noqa: E402
 from fedpsg.methods import PartyStage, get_method, method_names  # noqa: E402
-from fedpsg.nn.evaluation import evaluate_training_set, new_classifier  # noqa: E402
+from fedpsg.nn.evaluation import evaluate_training_set, new_classifier, reversed_utility  # noqa: E402
 from fedpsg.runs.settings import method_sections, method_settings, parse_overrides, split_sections  # noqa: E402
 
 # Published accuracies (%), 10 images per class, ConvNet, all 10 classes, by (dataset, eps).
@@ -138,6 +139,8 @@ def run_point(
         "validation_std": round(100 * result.std, 2),
         "test_accuracy": "",  # the chosen row's only (choose_and_test)
         "test_std": "",
+        "real2gen": "",  # the chosen row's only: classifiers trained on real validation images, tested on the set
+        "real2gen_std": "",
         "images": len(release.labels),
         "release": release_path.name,
         "load_average": round(os.getloadavg()[0], 2),
@@ -151,9 +154,16 @@ def choose_and_test(rows: list[dict], spc: int, data_dir: str | None, seed: int,
     _, evaluation = _evaluation(chosen["method"], chosen["overrides"], spc)
     saved = torch.load(releases / chosen["release"])
     test = _split(chosen["dataset"], "test", data_dir)
-    result = evaluate_training_set(ImageSet(saved["images"], saved["labels"]), test, spec, evaluation, seed=seed)
+    synthetic = ImageSet(saved["images"], saved["labels"])
+    result = evaluate_training_set(synthetic, test, spec, evaluation, seed=seed)
     chosen["test_accuracy"] = round(100 * result.mean, 2)
     chosen["test_std"] = round(100 * result.std, 2)
+    # Reversed utility of the chosen release: classifiers trained on the evaluator's real validation images.
+    real2gen = reversed_utility(
+        synthetic, _split(chosen["dataset"], "validation", data_dir), spec, evaluation, seed=seed
+    )
+    chosen["real2gen"] = round(100 * real2gen.mean, 2)
+    chosen["real2gen_std"] = round(100 * real2gen.std, 2)
     return chosen
 
 
@@ -256,11 +266,12 @@ def main(argv: list[str] | None = None) -> int:
                 if not grown and any(r["test_accuracy"] != "" for r in group):
                     continue  # chosen and tested by an earlier call
                 for row in group:  # a grown group chooses again
-                    row["test_accuracy"] = row["test_std"] = ""
+                    row["test_accuracy"] = row["test_std"] = row["real2gen"] = row["real2gen_std"] = ""
                 chosen = choose_and_test(group, args.spc, args.data_dir, args.seed, releases)
                 print(
                     f"{method:7s} {dataset:6s} eps={epsilon:<4g} chosen on validation: [{chosen['overrides']}] "
-                    f"validation {chosen['validation_accuracy']:.1f}%, test {chosen['test_accuracy']:.1f}%",
+                    f"validation {chosen['validation_accuracy']:.1f}%, test {chosen['test_accuracy']:.1f}%, "
+                    f"real2gen {chosen['real2gen']:.1f}%",
                     flush=True,
                 )
                 save()
@@ -282,8 +293,8 @@ def read_rows(table: Path) -> list[dict]:
     for row in rows:
         for key in ("eps", "generation_seconds", "generation_cpu_seconds", "validation_accuracy", "validation_std"):
             row[key] = float(row[key])
-        for key in ("test_accuracy", "test_std"):
-            row[key] = float(row[key]) if row[key] != "" else ""
+        for key in ("test_accuracy", "test_std", "real2gen", "real2gen_std"):
+            row[key] = float(row[key]) if row.get(key, "") != "" else ""
     return rows
 
 

@@ -4,7 +4,9 @@
 
 Writes ``<out>/release.pt`` (the synthetic set, or the DP-trained model, with the privacy
 record), ``<out>/synthetic.png`` for a set, and ``<out>/summary.json``; prints the accuracy on
-the real test images of those classes (classifiers trained on the set, or the released model).
+the real test images of those classes (classifiers trained on the set, or the released model:
+gen2real) and, for a set, the reversed utility (real2gen: classifiers trained on the evaluator's
+real validation images of those classes, tested on the set).
 
 The run is a release of the party's data like any other: checked against the policy and charged
 to the lifetime ledger in ``--party-dir`` (default ``<party state dir>/local``) before it starts.
@@ -26,7 +28,13 @@ from fedpsg.data.datasets import DEFAULT_VALIDATION_PER_CLASS, DataNotFoundError
 from fedpsg.data.synthetic import save_grid
 from fedpsg.io.files import save_atomically, write_json
 from fedpsg.methods import PartyStage, method_names
-from fedpsg.nn.evaluation import Evaluation, accuracy_by_group, evaluate_training_set, new_classifier
+from fedpsg.nn.evaluation import (
+    Evaluation,
+    accuracy_by_group,
+    evaluate_training_set,
+    new_classifier,
+    reversed_utility,
+)
 from fedpsg.runs.cli import add_common_arguments, int_list, party_settings
 from fedpsg.runs.settings import (
     format_epsilon,
@@ -82,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             split: load_split(
                 spec.name, split, validation_per_class=DEFAULT_VALIDATION_PER_CLASS, data_dir=args.data_dir
             ).only_classes(classes)
-            for split in ("private", "test")
+            for split in ("private", "validation", "test")
         }
         train, test = splits["private"], splits["test"]
     except DataNotFoundError as err:
@@ -158,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
             f"accuracy on real test images of classes {classes}: "
             f"{100 * result.mean:.2f}% ± {100 * result.std:.2f} ({len(result.accuracies)} classifiers)"
         )
+        if release.images is not None:
+            synthetic = ImageSet(release.images, release.labels)
+            real2gen = reversed_utility(synthetic, splits["validation"], spec, evaluation, device, seed=args.seed)
+            summary.update(real2gen_mean=real2gen.mean, real2gen_std=real2gen.std, real2gen=real2gen.accuracies)
+            print(
+                f"real2gen, classifiers trained on {len(splits['validation'])} real validation images, "
+                f"tested on the set: {100 * real2gen.mean:.2f}% ± {100 * real2gen.std:.2f}"
+            )
     write_json(out / "summary.json", summary)
     print(f"wrote {out}/release.pt, summary.json" + (", synthetic.png" if release.images is not None else ""))
     return 0

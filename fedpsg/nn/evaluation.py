@@ -2,12 +2,14 @@
 
 The protocol of dataset condensation / PSG: SGD with momentum 0.9 and weight decay 5e-4,
 lr decayed x0.1 at half the epochs, crop/scale/rotate augmentation for MNIST-like data,
-mean and standard deviation over several freshly initialised models.
+mean and standard deviation over several freshly initialised models. That is the standard
+utility (gen2real); :func:`reversed_utility` is the reverse (real2gen): classifiers trained on real
+images label the synthetic set.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -160,3 +162,24 @@ def evaluate_training_set(
             slot.append(value)
         first = first or model
     return Evaluation(accuracies, per_group, first)
+
+
+# Classifiers trained on real images for real2gen: thousands of real images need far fewer passes
+# than a set of ten images per class (300-1000 epochs); 30 is the cap.
+REAL_DATA_EPOCHS = 30
+
+
+def reversed_utility(
+    synthetic: ImageSet,
+    real: ImageSet,
+    spec: DatasetSpec,
+    config: EvalConfig,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> Evaluation:
+    """real2gen (reversed utility, DP-GAN-DPAC's poster): ``config.num_evals`` classifiers of the
+    evaluation architecture trained on ``real`` (at most ``REAL_DATA_EPOCHS``), each tested on the
+    synthetic set: whether its images carry their labels' features as real data shows them.
+    ``real`` must be the evaluator's own images (the validation split), never a party's."""
+    trained_on_real = replace(config, epochs=min(config.epochs, REAL_DATA_EPOCHS))
+    return evaluate_training_set(real, synthetic, spec, trained_on_real, device=device, seed=seed)
