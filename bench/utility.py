@@ -43,7 +43,13 @@ from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa
 
 from fedpsg.data.datasets import DEFAULT_VALIDATION_PER_CLASS, ImageSet, dataset_spec, load_split  # noqa: E402
 from fedpsg.methods import PartyStage, get_method, method_names  # noqa: E402
-from fedpsg.nn.evaluation import evaluate_training_set, new_classifier, reversed_utility  # noqa: E402
+from fedpsg.nn.evaluation import (  # noqa: E402
+    REAL_CLASSIFIERS,
+    evaluate_training_set,
+    new_classifier,
+    real_classifiers,
+    reversed_utility,
+)
 from fedpsg.runs.settings import method_sections, method_settings, parse_overrides, split_sections  # noqa: E402
 
 # Published accuracies (%), 10 images per class, ConvNet, all 10 classes, by (dataset, eps).
@@ -159,9 +165,8 @@ def choose_and_test(rows: list[dict], spc: int, data_dir: str | None, seed: int,
     chosen["test_accuracy"] = round(100 * result.mean, 2)
     chosen["test_std"] = round(100 * result.std, 2)
     # Reversed utility of the chosen release: classifiers trained on the evaluator's real validation images.
-    real2gen = reversed_utility(
-        synthetic, _split(chosen["dataset"], "validation", data_dir), spec, evaluation, seed=seed
-    )
+    real = _split(chosen["dataset"], "validation", data_dir)
+    real2gen = reversed_utility(synthetic, real_classifiers(real, spec, REAL_CLASSIFIERS["cpu"], seed=seed))
     chosen["real2gen"] = round(100 * real2gen.mean, 2)
     chosen["real2gen_std"] = round(100 * real2gen.std, 2)
     return chosen

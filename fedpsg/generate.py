@@ -29,10 +29,12 @@ from fedpsg.data.synthetic import save_grid
 from fedpsg.io.files import save_atomically, write_json
 from fedpsg.methods import PartyStage, method_names
 from fedpsg.nn.evaluation import (
+    REAL_CLASSIFIERS,
     Evaluation,
     accuracy_by_group,
     evaluate_training_set,
     new_classifier,
+    real_classifiers,
     reversed_utility,
 )
 from fedpsg.runs.cli import add_common_arguments, int_list, party_settings
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if release.images is not None:
             synthetic = ImageSet(release.images, release.labels)
-            real2gen = reversed_utility(synthetic, splits["validation"], spec, evaluation, device, seed=args.seed)
+            judges = real_classifiers(splits["validation"], spec, REAL_CLASSIFIERS[profile], device, args.seed)
+            real2gen = reversed_utility(synthetic, judges, device)
             summary.update(real2gen_mean=real2gen.mean, real2gen_std=real2gen.std, real2gen=real2gen.accuracies)
             print(
                 f"real2gen, classifiers trained on {len(splits['validation'])} real validation images, "

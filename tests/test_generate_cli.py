@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedpsg.generate import main
+from fedpsg.nn.evaluation import REAL_CLASSIFIERS
 
 BAD_ARGUMENTS = [
     (["--dataset", "cifar1000"], "unknown dataset"),
@@ -48,7 +49,8 @@ def test_generate_writes_set_grid_and_summary(tmp_path, data_dir):
     accuracies = summary["accuracies"]  # one per classifier, the mean is what the command printed
     assert summary["accuracy_mean"] == pytest.approx(sum(accuracies) / len(accuracies))
     assert f"{100 * summary['accuracy_mean']:.2f}%" in result.stdout
-    assert len(summary["real2gen"]) == len(accuracies) and 0 <= summary["real2gen_mean"] <= 1  # reversed utility
+    judges = REAL_CLASSIFIERS["tiny"].num_evals  # reversed utility: one accuracy per real-data classifier
+    assert len(summary["real2gen"]) == judges and 0 <= summary["real2gen_mean"] <= 1
     assert f"{100 * summary['real2gen_mean']:.2f}%" in result.stdout
 
 
@@ -57,15 +59,16 @@ def test_reversed_utility_trains_on_real_images_and_scores_the_set(data_dir):
     of real test images with their labels scores like a real classifier; the same images with the
     two labels swapped score the complement; a set of pure noise, about chance or its bias."""
     from fedpsg.data.datasets import ImageSet, dataset_spec, load_split
-    from fedpsg.nn.evaluation import EvalConfig, reversed_utility
+    from fedpsg.nn.evaluation import EvalConfig, real_classifiers, reversed_utility
 
     spec = dataset_spec("mnist")
     real = load_split("mnist", "validation", validation_per_class=100, data_dir=data_dir).only_classes([0, 1])
     test = load_split("mnist", "test", validation_per_class=100, data_dir=data_dir).only_classes([0, 1])
     honest = ImageSet(test.images[:200], test.labels[:200])
     swapped = ImageSet(honest.images, 1 - honest.labels)
-    config = EvalConfig(width=16, epochs=3, augment=False, num_evals=2, batch_size=64)
-    right = reversed_utility(honest, real, spec, config, seed=1)
-    wrong = reversed_utility(swapped, real, spec, config, seed=1)
+    judges = real_classifiers(real, spec, EvalConfig(width=16, epochs=3, augment=False, num_evals=2, batch_size=64))
+    right, wrong = reversed_utility(honest, judges), reversed_utility(swapped, judges)
     assert right.mean > 0.95 and len(right.accuracies) == 2
-    assert wrong.mean == pytest.approx(1 - right.mean, abs=1e-6)  # same classifiers, every verdict flipped
+    assert wrong.accuracies == pytest.approx([1 - a for a in right.accuracies], abs=1e-6)  # every verdict flipped
+    noise = ImageSet(torch.randn(200, 1, 28, 28), honest.labels)
+    assert reversed_utility(noise, judges).mean < 0.8  # noise carries no digit: one class at most

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, replace
 
 import pandas as pd
@@ -99,8 +100,42 @@ def test_toy_method_runs_a_scenario_without_flower(tmp_path, data_dir, single_th
     assert all(r["epsilon"] == pytest.approx(10.0, rel=1e-3) for r in rows)
     assert len(parties.replies) == 2 and parties.replies[0].images.shape == (2 * 2, 1, 28, 28)
     assert rows[0]["accuracy"] > 0.9  # two digit classes from their noisy means
+    # real2gen: classifiers trained on the evaluator's real validation images label the noisy means
+    assert (
+        all(0.5 < r["real2gen"] <= 1 for r in rows) and "real2gen, last stage" in (tmp_path / "report.md").read_text()
+    )
     assert (tmp_path / "DONE").exists() and (tmp_path / "grids" / "toy-stage2.png").exists()
     assert "| toy |" in (tmp_path / "report.md").read_text()
+
+
+def test_an_evaluation_that_fails_ends_the_run_with_its_error_and_keeps_the_replies(
+    tmp_path, data_dir, single_thread, monkeypatch
+):
+    settings = resolve_settings(
+        "split_mnist", profile="tiny", stages=2, methods=["toy"], out=tmp_path, data_dir=str(data_dir), overrides=FAST
+    )
+
+    def broken(self, method, stage, party_seconds, privacy):
+        raise RuntimeError(f"evaluation of {method} stage {stage} broke")
+
+    monkeypatch.setattr(Coordinator, "evaluate_stage", broken)
+    outcome = []
+    run = threading.Thread(
+        target=lambda: outcome.append(catch(Coordinator(settings).run, LocalParties(str(data_dir)))), daemon=True
+    )
+    run.start()
+    run.join(timeout=300)
+    assert not run.is_alive(), "a failed evaluation was started again and again"
+    assert "evaluation of toy stage 1 broke" in str(outcome[0])
+    assert (tmp_path / "sets" / "toy" / "stage2.pt").exists()  # what the parties released is kept
+    assert not (tmp_path / "DONE").exists()
+
+
+def catch(function, *args):
+    try:
+        return function(*args)
+    except Exception as err:
+        return err
 
 
 @pytest.mark.slow

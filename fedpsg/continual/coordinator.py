@@ -31,11 +31,20 @@ import torch
 from fedpsg.continual.protocol import TrainRequest
 from fedpsg.continual.schedule import Job, StageGraph
 from fedpsg.continual.timeline import plot_timeline, read_timeline, timeline_summary
-from fedpsg.data.datasets import ImageSet, dataset_spec, load_images
+from fedpsg.data.datasets import ImageSet, dataset_spec, load_images, load_split
 from fedpsg.data.synthetic import SyntheticSet, save_grid
 from fedpsg.io.files import save_atomically, write_json
 from fedpsg.methods import Release, get_method
-from fedpsg.nn.evaluation import Evaluation, accuracy_by_group, evaluate_training_set, new_classifier, train_classifier
+from fedpsg.nn.evaluation import (
+    REAL_CLASSIFIERS,
+    Evaluation,
+    accuracy_by_group,
+    evaluate_training_set,
+    new_classifier,
+    real_classifiers,
+    reversed_utility,
+    train_classifier,
+)
 from fedpsg.runs.folder import RunFolder
 from fedpsg.runs.results import accuracy_table, write_results, write_summary
 from fedpsg.runs.retry import send_with_retries
@@ -76,6 +85,8 @@ class Coordinator:
         self.spec = dataset_spec(settings.scenario.dataset)
         self.test = test if test is not None else load_images(self.spec.name, train=False, data_dir=settings.data_dir)
         self.out = settings.out
+        self._judges: dict[int, list[torch.nn.Module]] = {}  # real2gen's classifiers per stage (seen classes)
+        self._judging = threading.Lock()
         self.folder = RunFolder(self.out, settings.identity())
         if self.folder.open():
             log.info("resuming the run in %s", self.out)
@@ -126,6 +137,7 @@ class Coordinator:
         """Start every job whose inputs exist until the graph is done or a job fails (returned)."""
         in_flight: dict[Future, tuple[str, Job]] = {}
         failure: BaseException | None = None
+        failed_evaluations: set[Job] = set()
         while True:
             if failure is None:
                 for job in graph.party_ready():
@@ -138,6 +150,8 @@ class Coordinator:
                     future = party_pool.submit(self._party_job, parties, request)
                     in_flight[future] = ("party", job)
             for job in graph.evaluation_ready():  # also after a failure: nothing received is lost
+                if job in failed_evaluations:  # not again: it failed once, the run reports why
+                    continue
                 graph.evaluating.add(job)
                 in_flight[evaluation_pool.submit(self._evaluation_job, parties, *job)] = ("evaluation", job)
             if not in_flight:
@@ -156,6 +170,8 @@ class Coordinator:
                         graph.evaluated.add(job)
                 except Exception as err:  # kept; raised once the jobs in flight are stored
                     failure = failure or err
+                    if kind == "evaluation":
+                        failed_evaluations.add(job)
 
     def _record_job(self, kind: str, job: Job, started: float, ended: float) -> None:
         """One line of ``timeline.csv``: what ran when (wall clock), for a Gantt chart of the run."""
@@ -306,9 +322,12 @@ class Coordinator:
         seen = [c for group in groups for c in group]
         test = self.test.only_classes(seen)
         started = time.perf_counter()
+        real2gen = None
         if self._set_path(method, stage).exists():
             evaluation, model_state = self._replay(method, stage, test, groups)
             self._save_model(method, stage, model_state)
+            judges = self._real_classifiers(stage, seen)
+            real2gen = reversed_utility(self.replay_set(method, stage), judges, settings.device) if judges else None
         else:  # the party released a model (DP-SGD): evaluate it as it is
             model = new_classifier(self.spec, settings.evaluations[method])
             model.load_state_dict(torch.load(self._model_path(method, stage), weights_only=True))
@@ -321,6 +340,9 @@ class Coordinator:
             "accuracy": evaluation.mean,
             "accuracy_std": evaluation.std,
             **{f"acc_stage{k + 1}": acc for k, acc in enumerate(evaluation.per_group_mean)},
+            # Reversed utility of the replayed set; none for a model or without a validation split.
+            "real2gen": real2gen.mean if real2gen else None,
+            "real2gen_std": real2gen.std if real2gen else None,
             "epsilon": privacy["epsilon"],
             "delta": privacy["delta"],
             "noise_multiplier": privacy["noise_multiplier"],
@@ -336,6 +358,25 @@ class Coordinator:
         log.info("%s stage %d: accuracy over seen classes %.2f%%", method, stage, 100 * evaluation.mean)
         self.write_outputs()
         return row
+
+    def _real_classifiers(self, stage: int, seen: list[int]) -> list[torch.nn.Module]:
+        """real2gen's judges at ``stage``: classifiers trained on the evaluator's validation images of
+        the seen classes (held by no party), once per stage for every method; none without a
+        validation split."""
+        settings = self.settings
+        if settings.scenario.validation_per_class == 0:
+            return []
+        with self._judging:
+            if stage not in self._judges:
+                real = load_split(
+                    self.spec.name,
+                    "validation",
+                    validation_per_class=settings.scenario.validation_per_class,
+                    data_dir=settings.data_dir,
+                ).only_classes(seen)
+                config = REAL_CLASSIFIERS[settings.profile]
+                self._judges[stage] = real_classifiers(real, self.spec, config, settings.device, settings.seed + stage)
+            return self._judges[stage]
 
     def _replay(
         self, method: str, stage: int, test: ImageSet, groups: list[list[int]]

@@ -9,7 +9,7 @@ images label the synthetic set.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -164,22 +164,28 @@ def evaluate_training_set(
     return Evaluation(accuracies, per_group, first)
 
 
-# Classifiers trained on real images for real2gen: thousands of real images need far fewer passes
-# than a set of ten images per class (300-1000 epochs); 30 is the cap.
-REAL_DATA_EPOCHS = 30
+# real2gen's judges, classifiers trained on real images: thousands of real images need far fewer
+# passes than a set of ten images per class (300-1000 epochs).
+REAL_CLASSIFIERS = {
+    "paper": EvalConfig(width=128, epochs=10, augment=True, num_evals=3),
+    "cpu": EvalConfig(width=32, epochs=10, augment=True, num_evals=2),
+    "tiny": EvalConfig(width=16, epochs=2, augment=False, num_evals=1),
+}
+
+
+def real_classifiers(
+    real: ImageSet, spec: DatasetSpec, config: EvalConfig, device: str | torch.device = "cpu", seed: int = 0
+) -> list[nn.Module]:
+    """``config.num_evals`` classifiers trained on ``real`` (e.g. ``REAL_CLASSIFIERS[profile]``): the
+    judges of :func:`reversed_utility`. ``real`` must be the evaluator's own images (the validation
+    split), never a party's."""
+    return [train_classifier(real, spec, config, device, seed=seed + run) for run in range(config.num_evals)]
 
 
 def reversed_utility(
-    synthetic: ImageSet,
-    real: ImageSet,
-    spec: DatasetSpec,
-    config: EvalConfig,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
+    synthetic: ImageSet, classifiers: list[nn.Module], device: str | torch.device = "cpu"
 ) -> Evaluation:
-    """real2gen (reversed utility, DP-GAN-DPAC's poster): ``config.num_evals`` classifiers of the
-    evaluation architecture trained on ``real`` (at most ``REAL_DATA_EPOCHS``), each tested on the
-    synthetic set: whether its images carry their labels' features as real data shows them.
-    ``real`` must be the evaluator's own images (the validation split), never a party's."""
-    trained_on_real = replace(config, epochs=min(config.epochs, REAL_DATA_EPOCHS))
-    return evaluate_training_set(real, synthetic, spec, trained_on_real, device=device, seed=seed)
+    """real2gen (reversed utility, DP-GAN-DPAC's poster): the accuracy of classifiers trained on real
+    images (:func:`real_classifiers`) on the synthetic set: whether its images carry their labels'
+    features as real data shows them."""
+    return Evaluation([accuracy_by_group(model, synthetic, [], device)[0] for model in classifiers], [])
