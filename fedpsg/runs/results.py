@@ -76,9 +76,10 @@ def accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
     table = frame.pivot(index="method", columns="stage", values="accuracy").mul(100).round(1)
     table.columns = [f"stage {c}" for c in table.columns]
     spent = frame.groupby("method")["epsilon"].max().map(lambda e: "inf" if math.isinf(e) else f"{e:.3g}")
-    if "real2gen" in frame:  # reversed utility of each method's set at its last stage (none for a model)
-        last = frame.loc[frame.groupby("method")["stage"].idxmax()].set_index("method")["real2gen"]
-        table["real2gen, last stage"] = pd.to_numeric(last, errors="coerce").mul(100).round(1)
+    real2gen = pd.to_numeric(frame.get("real2gen", pd.Series(dtype=float)), errors="coerce")
+    if real2gen.notna().any():  # reversed utility of each method's set at its last stage (none for a model)
+        last = real2gen[frame.groupby("method")["stage"].idxmax()]
+        table["real2gen, last stage"] = last.set_axis(frame.loc[last.index, "method"]).mul(100).round(1)
     table["eps per party"] = spent
     table["party time (s)"] = frame.groupby("method")["party_seconds"].sum().round(0).astype(int)
     return table
