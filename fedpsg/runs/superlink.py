@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -264,4 +265,5 @@ class FlowerProcesses:
     def follow(self, run_id: int) -> str:
         """Print the run's log here as it comes (``flwr log --stream``) and return its final status."""
         subprocess.run([str(BIN / "flwr"), "log", str(run_id), self.connection, "--stream"], cwd=REPO, env=self.env)
-        return self.wait(run_id, timeout=600)  # the stream ends with the run; its status follows within seconds
+        # The stream ends with the run (its status follows within seconds); should it end early, the run goes on.
+        return self.wait(run_id, timeout=math.inf)
