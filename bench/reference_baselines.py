@@ -246,7 +246,7 @@ def evaluate(args: argparse.Namespace) -> None:
                 k for k in range(1, len(side["stages"]) + 1) if (folder / "sets" / f"cumulative{k}.pt").exists()
             ]
             new = [k for k in finished if str(k) not in done]
-            if new:
+            if new and not args.own_only:
                 psg_like = {**side, "spc": 10, "psg": {**side["evaluation"], "lr_net": side["evaluation"]["lr"]}}
                 ours = _fedpsg_protocol(folder, side, new, args.data_dir)
                 theirs = _authors_protocol(folder, psg_like, new, args, epochs=DPMERF_EVALUATION_EPOCHS)
@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--opacus", required=True, help="a folder with opacus 0.15 (pip install --target)")
     commands.choices["evaluate"].add_argument("folders", nargs="+")
     commands.choices["evaluate"].add_argument("--data-dir", default=None)
+    commands.choices["evaluate"].add_argument(
+        "--own-only", action="store_true", help="each side's own evaluation only (DP-Merf: no cross-protocol runs)"
+    )
     return parser
 
 
