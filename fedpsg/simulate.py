@@ -168,12 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     gpus = args.party_gpus if args.party_gpus is not None else (1.0 if runs[0].device.startswith("cuda") else 0.0)
     resources = SimulationResources(args.party_cpus, gpus, args.ray_address)
 
-    def run_config(settings: RunSettings | FedGANSettings, out: Path) -> dict:
-        return run_config_from_args(args, out=out.resolve(), data_dir=data_dir, epsilon=settings.epsilon)
+    def run_config(settings: RunSettings | FedGANSettings) -> dict:
+        return run_config_from_args(args, out=settings.out.resolve(), data_dir=data_dir, epsilon=settings.epsilon)
 
     def run_one(settings: RunSettings | FedGANSettings) -> bool:
         """One run, or one repetition (its own folder and seed), on a runtime of its own."""
-        config = {**run_config(settings, settings.out), "seed": settings.seed, "repeats": 1}
+        config = {**run_config(settings), "seed": settings.seed, "repeats": 1}
         state_dir = prepare_parties(settings, args.trust_coordinator)
         status = simulate(config, settings.num_partitions, state_dir, flower_logs(settings.out), resources, data_dir)
         return completed(settings, status)
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     def run_together(settings: RunSettings) -> bool:
         """Every repetition at once, each with nodes of its own; the ServerApp writes their joint outputs."""
         repetitions = repeat_settings(settings, args.repeats)
-        config = {**run_config(settings, settings.out), "repeats-together": True}
+        config = {**run_config(settings), "repeats-together": True}
         state_dir = place_repetitions(repetitions, args.trust_coordinator)
         nodes = sum(r.num_partitions for r in repetitions)
         status = simulate(config, nodes, state_dir, flower_logs(settings.out), resources, data_dir)
