@@ -86,6 +86,7 @@ class Coordinator:
         self.test = test if test is not None else load_images(self.spec.name, train=False, data_dir=settings.data_dir)
         self.out = settings.out
         self._judges: dict[int, list[torch.nn.Module]] = {}  # real2gen's classifiers per stage (seen classes)
+        self._validation: ImageSet | None = None  # the evaluator's validation split, loaded once for them
         self._judging = threading.Lock()
         self.folder = RunFolder(self.out, settings.identity())
         if self.folder.open():
@@ -324,10 +325,11 @@ class Coordinator:
         started = time.perf_counter()
         real2gen = None
         if self._set_path(method, stage).exists():
-            evaluation, model_state = self._replay(method, stage, test, groups)
+            union = self.replay_set(method, stage)
+            evaluation, model_state = self._replay(method, stage, union, test, groups)
             self._save_model(method, stage, model_state)
             judges = self._real_classifiers(stage, seen)
-            real2gen = reversed_utility(self.replay_set(method, stage), judges, settings.device) if judges else None
+            real2gen = reversed_utility(union, judges, settings.device) if judges else None
         else:  # the party released a model (DP-SGD): evaluate it as it is
             model = new_classifier(self.spec, settings.evaluations[method])
             model.load_state_dict(torch.load(self._model_path(method, stage), weights_only=True))
@@ -368,21 +370,22 @@ class Coordinator:
             return []
         with self._judging:
             if stage not in self._judges:
-                real = load_split(
-                    self.spec.name,
-                    "validation",
-                    validation_per_class=settings.scenario.validation_per_class,
-                    data_dir=settings.data_dir,
-                ).only_classes(seen)
+                if self._validation is None:
+                    self._validation = load_split(
+                        self.spec.name,
+                        "validation",
+                        validation_per_class=settings.scenario.validation_per_class,
+                        data_dir=settings.data_dir,
+                    )
+                real = self._validation.only_classes(seen)
                 config = REAL_CLASSIFIERS[settings.profile]
                 self._judges[stage] = real_classifiers(real, self.spec, config, settings.device, settings.seed + stage)
             return self._judges[stage]
 
     def _replay(
-        self, method: str, stage: int, test: ImageSet, groups: list[list[int]]
+        self, method: str, stage: int, union: ImageSet, test: ImageSet, groups: list[list[int]]
     ) -> tuple[Evaluation, dict[str, torch.Tensor]]:
         settings = self.settings
-        union = self.replay_set(method, stage)
         config = settings.evaluations[method]
         if settings.replay == "fresh":  # the paper's protocol: fresh classifiers on the union
             evaluation = evaluate_training_set(
