@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             split: load_split(
                 spec.name, split, validation_per_class=DEFAULT_VALIDATION_PER_CLASS, data_dir=args.data_dir
             ).only_classes(classes)
-            for split in ("private", "validation", "test")
+            for split in ("private", "test")
         }
         train, test = splits["private"], splits["test"]
     except DataNotFoundError as err:
@@ -170,11 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         if release.images is not None:
             synthetic = ImageSet(release.images, release.labels)
-            judges = real_classifiers(splits["validation"], spec, REAL_CLASSIFIERS[profile], device, args.seed)
+            real = load_split(
+                spec.name, "validation", validation_per_class=DEFAULT_VALIDATION_PER_CLASS, data_dir=args.data_dir
+            ).only_classes(classes)
+            judges = real_classifiers(real, spec, REAL_CLASSIFIERS[profile], device, args.seed)
             real2gen = reversed_utility(synthetic, judges, device)
             summary.update(real2gen_mean=real2gen.mean, real2gen_std=real2gen.std, real2gen=real2gen.accuracies)
             print(
-                f"real2gen, classifiers trained on {len(splits['validation'])} real validation images, "
+                f"real2gen, classifiers trained on {len(real)} real validation images, "
                 f"tested on the set: {100 * real2gen.mean:.2f}% ± {100 * real2gen.std:.2f}"
             )
     write_json(out / "summary.json", summary)
