@@ -74,6 +74,7 @@ DEFAULT_GRID = {
         "dpmerf.generator_steps=1500 dpmerf.samples_per_class=300",
         "dpmerf.generator_steps=3000 dpmerf.samples_per_class=1000",
     ],
+    "dpmepf": ["dpmepf.moments=first", "dpmepf.moments=first-and-second"],
 }
 
 
@@ -125,6 +126,7 @@ def run_point(
         device="cpu",
         label=f"{method_name} {dataset} eps={epsilon:g} [{overrides}]",
         progress_interval=30.0,
+        data_dir=data_dir,
     )
     wall, cpu = time.perf_counter(), time.process_time()
     release = method.run(stage, config)

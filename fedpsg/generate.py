@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         model=new_classifier(spec, evaluation, args.seed),
         device=device,
         label=f"{method.name} {spec.name} {classes}",
+        data_dir=args.data_dir,
     )
     try:
         release = charged_run(method, stage, config, Ledger(folder, spec.name), policy, what)

@@ -7,6 +7,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config) -> None:
+    """Under xdist every worker gets one thread (and so do its subprocesses): two workers on two
+    cores, not four threads fighting over them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """Real MNIST/FashionMNIST in torchvision's layout (CI sets FEDPSG_DATA_DIR=../shared/data)."""
@@ -32,3 +40,16 @@ def party_state(tmp_path_factory, monkeypatch) -> Path:
     monkeypatch.setenv("FEDPSG_PARTY_STATE_DIR", str(state))
     monkeypatch.delenv("FEDPSG_PARTY_POLICY", raising=False)
     return state
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory) -> Path:
+    """One cache for the whole session (DP-MEPF's public feature networks are trained once in it)."""
+    return tmp_path_factory.mktemp("fedpsg-cache")
+
+
+@pytest.fixture(autouse=True)
+def fedpsg_cache(cache_root, monkeypatch) -> Path:
+    """Tests never read or fill the user's ~/.cache/fedpsg."""
+    monkeypatch.setenv("FEDPSG_CACHE_DIR", str(cache_root))
+    return cache_root

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -31,6 +32,11 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def frequencies(num_features: int = 1000, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return draw_frequencies(num_features, DIM, WIDTH, torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def rff(w: torch.Tensor):
+    """DP-Merf's feature map for the frequencies ``w``."""
+    return partial(random_fourier_features, frequencies=w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +76,7 @@ def test_mean_embedding_is_the_average_outer_product():
     x, labels = torch.rand(300, DIM, generator=g), torch.randint(3, (300,), generator=g)
     w = frequencies()
     reference = torch.einsum("nd,nk->dk", random_fourier_features(x, w), torch.eye(3)[labels]) / 300
-    emb = mean_embedding(x, labels, w, num_classes=3, chunk_size=64)  # chunking must not matter
+    emb = mean_embedding(x, labels, rff(w), num_classes=3, chunk_size=64)  # chunking must not matter
     assert emb.shape == (1000, 3)
     torch.testing.assert_close(emb, reference, atol=1e-6, rtol=1e-5)
 
@@ -93,7 +99,7 @@ def test_sensitivity_bound_holds_for_many_neighbouring_pairs():
     x = torch.rand(n, DIM, generator=g, dtype=torch.float64)
     labels = torch.randint(k, (n,), generator=g)
     x[0], x[1] = 0.0, 1.0  # extreme images in the dataset too
-    emb = mean_embedding(x, labels, w, k)
+    emb = mean_embedding(x, labels, rff(w), k)
     bound = embedding_sensitivity(n, "replace-one")
     candidates = [
         torch.zeros(DIM, dtype=torch.float64),
@@ -106,7 +112,7 @@ def test_sensitivity_bound_holds_for_many_neighbouring_pairs():
     for i in range(n):
         for new_x in candidates[i % 3 :: 3]:
             for new_label in range(k):
-                diff = (emb - mean_embedding(*replace_one(x, labels, i, new_x, new_label), w, k)).norm().item()
+                diff = (emb - mean_embedding(*replace_one(x, labels, i, new_x, new_label), rff(w), k)).norm().item()
                 assert diff <= bound * (1 + 1e-9)
                 if new_label == labels[i]:
                     worst_same = max(worst_same, diff)
@@ -125,9 +131,9 @@ def test_sensitivity_bound_is_attained():
     w = frequencies(dtype=torch.float64)
     x = torch.rand(n, DIM, generator=g, dtype=torch.float64)
     labels = torch.randint(k, (n,), generator=g)
-    emb = mean_embedding(x, labels, w, k)
+    emb = mean_embedding(x, labels, rff(w), k)
     shift = torch.linalg.lstsq(w, torch.full((len(w), 1), math.pi, dtype=torch.float64)).solution.squeeze(1)
-    unbounded = mean_embedding(*replace_one(x, labels, 0, x[0] + shift, labels[0]), w, k)
+    unbounded = mean_embedding(*replace_one(x, labels, 0, x[0] + shift, labels[0]), rff(w), k)
     assert (emb - unbounded).norm().item() == pytest.approx(embedding_sensitivity(n, "replace-one"), rel=1e-9)
 
     # Within valid images ([0, 1] pixels) an adversary gets within a few percent of 2/n: maximise
@@ -141,8 +147,8 @@ def test_sensitivity_bound_is_attained():
     delta = torch.tanh(u).detach()
     a, b = delta.clamp(max=0).neg(), delta.clamp(min=0)  # both in [0, 1], b - a = delta
     x[0] = a
-    emb = mean_embedding(x, labels, w, k)
-    diff = (emb - mean_embedding(*replace_one(x, labels, 0, b, labels[0]), w, k)).norm().item()
+    emb = mean_embedding(x, labels, rff(w), k)
+    diff = (emb - mean_embedding(*replace_one(x, labels, 0, b, labels[0]), rff(w), k)).norm().item()
     assert 0.9 * embedding_sensitivity(n, "replace-one") < diff <= embedding_sensitivity(n, "replace-one")
     assert diff > 1.2 * math.sqrt(2) / n  # well above the different-label case
 
@@ -153,10 +159,10 @@ def test_add_remove_moves_the_sum_by_exactly_one_term():
     n, k, w = 40, 3, frequencies()
     g = torch.Generator().manual_seed(9)
     x, labels = torch.rand(n, DIM, generator=g), torch.randint(k, (n,), generator=g)
-    total = n * mean_embedding(x, labels, w, k)
+    total = n * mean_embedding(x, labels, rff(w), k)
     for i in range(n):
         rest = torch.cat([torch.arange(i), torch.arange(i + 1, n)])
-        smaller = (n - 1) * mean_embedding(x[rest], labels[rest], w, k)
+        smaller = (n - 1) * mean_embedding(x[rest], labels[rest], rff(w), k)
         assert (total - smaller).norm().item() == pytest.approx(1.0, rel=1e-5)
     assert embedding_sensitivity(n) == pytest.approx(1.0 / n)
 
@@ -182,7 +188,7 @@ def test_calibrated_sigma_spends_exactly_epsilon(epsilon):
 @pytest.mark.parametrize(("adjacency", "sensitivity_times_n"), [("add-remove", 1.0), ("replace-one", 2.0)])
 def test_release_noise_has_std_sigma_times_sensitivity(adjacency, sensitivity_times_n):
     n = 250
-    emb = mean_embedding(torch.rand(n, DIM), torch.randint(2, (n,)), frequencies(), 2)
+    emb = mean_embedding(torch.rand(n, DIM), torch.randint(2, (n,)), rff(frequencies()), 2)
     rng = torch.Generator().manual_seed(6)
     noise = []
     for _ in range(50):  # 50 releases x 2000 entries
@@ -219,15 +225,15 @@ def test_release_rejects_bad_budget(epsilon, delta):
 
 
 def test_generator_trains_from_the_noisy_embedding_alone():
-    # train_generator gets the released embedding and the public frequencies, nothing else.
+    # train_generator gets the released embedding and the public feature map, nothing else.
     w = frequencies()
     bright = torch.zeros(100, 28, 28)
     bright[:, 7:21, 7:21] = 1.0  # class 0: a bright square; class 1: dark images
     x = torch.cat([bright.flatten(1), torch.zeros(100, DIM)])
     labels = torch.arange(2).repeat_interleave(100)
-    noisy, _ = release_embedding(mean_embedding(x, labels, w, 2), 200, epsilon=10.0, delta=1e-5)
+    noisy, _ = release_embedding(mean_embedding(x, labels, rff(w), 2), 200, epsilon=10.0, delta=1e-5)
     config = DPMerfConfig(generator_steps=150, lr=0.01)
-    gen = train_generator(noisy, w, config=config, seed=0)
+    gen = train_generator(noisy, rff(w), config=config, seed=0)
     images, out_labels = dpmerf.sample_generator(gen, 20, seed=0)
     assert images.shape == (40, DIM) and images.min() >= 0 and images.max() <= 1
     assert torch.equal(out_labels, labels[::5])
@@ -263,17 +269,17 @@ def test_dpmerf_on_a_real_party(fmnist_party, monkeypatch):
     seen = []
     real_train_generator = dpmerf.train_generator
 
-    def spy(noisy_emb, frequencies, **kwargs):
-        seen.append((noisy_emb, frequencies, kwargs))
-        return real_train_generator(noisy_emb, frequencies, **kwargs)
+    def spy(noisy_emb, feature_map, **kwargs):
+        seen.append((noisy_emb, feature_map, kwargs))
+        return real_train_generator(noisy_emb, feature_map, **kwargs)
 
     monkeypatch.setattr(dpmerf, "train_generator", spy)
     synthetic = generate(party, [5, 6], epsilon=10.0, config=TINY)
     record = synthetic.privacy
 
     # The generator saw the released (D, classes) embedding and the frequencies, never an image.
-    ((noisy_emb, freq, kwargs),) = seen
-    assert noisy_emb.shape == (1000, 2) and freq.shape == (500, DIM)
+    ((noisy_emb, feature_map, kwargs),) = seen
+    assert noisy_emb.shape == (1000, 2) and feature_map.keywords["frequencies"].shape == (500, DIM)
     assert not any(isinstance(v, (torch.Tensor, ImageSet)) for v in kwargs.values())
 
     assert record.epsilon == pytest.approx(10.0, rel=1e-3) and record.mechanism == "gaussian"

@@ -40,7 +40,8 @@ DPMERF = replace(get_method("dpmerf").presets["tiny"], generator_steps=20, sampl
 TINY_EVAL = get_method("psg").evaluation["tiny"]
 DPDM = replace(get_method("dpdm").presets["tiny"], iterations=10)
 GSWGAN = replace(get_method("gswgan").presets["tiny"], generator_iterations=6, samples_per_class=10)
-CONFIGS = {"psg": PSG, "dpsgd": DPSGD, "dpmerf": DPMERF, "dpdm": DPDM, "gswgan": GSWGAN}
+DPMEPF = replace(get_method("dpmepf").presets["tiny"], generator_steps=20, samples_per_class=10)
+CONFIGS = {"psg": PSG, "dpsgd": DPSGD, "dpmerf": DPMERF, "dpdm": DPDM, "gswgan": GSWGAN, "dpmepf": DPMEPF}
 CLASSES = [1, 2]  # partition 1 of the default order
 ARCH = TINY_EVAL.architecture
 
@@ -94,7 +95,7 @@ def replay_with_everything_the_coordinator_holds(method: str, request: TrainRequ
     return flattened(run_locally(method, data, config, epsilon=10.0, seed=request.seed, model=model, secret=guessed))
 
 
-@pytest.mark.parametrize("method", ["psg", "dpsgd", "dpmerf", "dpdm", "gswgan"])
+@pytest.mark.parametrize("method", list(CONFIGS))
 def test_the_coordinator_cannot_replay_a_release_and_identical_requests_release_different_outputs(
     method, grid, party_data
 ):

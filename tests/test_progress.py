@@ -17,3 +17,14 @@ def test_progress_lines_are_throttled_and_carry_step_elapsed_and_eta():
         progress.step()
     assert lines[-1] == "[party 1] psg stage 2: step 10/10 (100%), 6 s elapsed, done"  # the last step always prints
     assert len(lines) == 2
+
+
+def test_the_eta_leaves_out_setup_before_the_first_step():
+    now = [0.0]
+    lines: list[str] = []
+    progress = Progress("dpmepf", 101, interval=0.0, write=lines.append, clock=lambda: now[0])
+    now[0] = 100.0  # a feature network trained before any step
+    progress.step()
+    now[0] += 10.0  # then 10 steps in 10 s: 90 to go at 1 s each
+    progress.step(10)
+    assert lines[-1] == "dpmepf: step 11/101 (11%), 110 s elapsed, ETA 90 s"

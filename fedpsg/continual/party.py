@@ -71,6 +71,7 @@ def run_stage(
         label=label,
         progress_interval=progress_interval,
         earlier=ImageSet(*request.earlier) if request.earlier is not None else None,
+        data_dir=data_dir,
     )
     ledger = Ledger(party_folder, request.dataset, who)
     release = charged_run(method, stage, config, ledger, policy, f"{what} (classes {request.classes})", secret)

@@ -32,17 +32,27 @@ class Progress:
         self._write, self._clock = write, clock
         self.done = 0
         self._started = self._last = clock()
+        # The rate behind the ETA is measured from the first step on: setup before it (data, a
+        # feature network trained once) is in the elapsed time, not in the time per step.
+        self._first: tuple[float, int] | None = None
 
     def step(self, count: int = 1) -> None:
         self.done = min(self.total, self.done + count)
         now = self._clock()
+        if self._first is None:
+            self._first = (now, self.done)
         if self.done == self.total or now - self._last >= self.interval:
             self._last = now
             self._write(self.line(now))
 
     def line(self, now: float | None = None) -> str:
-        elapsed = (now if now is not None else self._clock()) - self._started
-        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        now = now if now is not None else self._clock()
+        elapsed = now - self._started
+        if self._first is not None and self.done > self._first[1]:
+            rate = (now - self._first[0]) / (self.done - self._first[1])
+        else:
+            rate = elapsed / self.done if self.done else float("nan")
+        eta = rate * (self.total - self.done)
         tail = "done" if self.done == self.total else f"ETA {eta:.0f} s"
         return (
             f"{self.label}: step {self.done}/{self.total} ({100 * self.done / self.total:.0f}%), "

@@ -75,6 +75,7 @@ class PartyStage:
     label: str = ""  # prefix of progress lines, e.g. "[party 1] psg stage 2"
     progress_interval: float = 10.0
     earlier: ImageSet | None = None  # earlier stages' DP sets of this method (if it uses_earlier_sets)
+    data_dir: str | None = None  # dataset root on the party's machine, for public data (None: FEDPSG_DATA_DIR)
 
     def progress(self, total: int) -> Progress:
         return Progress(self.label, total, interval=self.progress_interval)

@@ -14,7 +14,9 @@ generator (ParkLabML/DP-MERF, ``code_balanced``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -34,6 +36,8 @@ __all__ = [
     "DPMerf",
     "ConditionalGenerator",
     "DPMerfConfig",
+    "FeatureMap",
+    "GeneratorConfig",
     "draw_frequencies",
     "embedding_sensitivity",
     "mean_embedding",
@@ -51,12 +55,13 @@ __all__ = [
 DPMERF_KERNEL_WIDTH: dict[str, float] = {"mnist": math.sqrt(105.0), "fmnist": math.sqrt(127.0)}
 
 
-@dataclass(frozen=True)
-class DPMerfConfig:
-    """Hyper-parameters of DP-Merf (defaults: PSG's DP-Merf baseline)."""
+FeatureMap = Callable[[torch.Tensor], torch.Tensor]  # flattened [0, 1] images (N, H*W) -> features (N, D), norms <= 1
 
-    num_features: int = 1000  # random Fourier features (cos and sin of num_features / 2 frequencies)
-    kernel_width: float | None = None  # None: DP-Merf's value for the dataset (DPMERF_KERNEL_WIDTH)
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """The release and the generator of a mean-embedding method (defaults: PSG's DP-Merf baseline)."""
+
     generator_steps: int = 3000
     batch_size: int = 100  # generated samples per generator step
     lr: float = 0.1  # Adam, as PSG's baseline (lr_img)
@@ -69,16 +74,27 @@ class DPMerfConfig:
     adjacency: str = "add-remove"  # or "replace-one", DP-Merf's own (twice the noise); see embedding_sensitivity
 
     def __post_init__(self) -> None:
-        if self.num_features < 2 or self.num_features % 2:
-            raise ValueError(f"num_features must be even and >= 2 (cos and sin pairs), got {self.num_features}")
-        if self.kernel_width is not None and not self.kernel_width > 0:
-            raise ValueError(f"kernel_width must be > 0, got {self.kernel_width}")
         if min(self.generator_steps, self.batch_size, self.latent_dim, self.hidden_dim, self.lr_decay_every) < 1:
             raise ValueError("generator_steps, batch_size, latent_dim, hidden_dim and lr_decay_every must be >= 1")
         if self.samples_per_class < 0:
             raise ValueError("samples_per_class must be >= 0")
         if self.adjacency not in EXAMPLE_ADJACENCIES:
             raise ValueError(f"adjacency must be one of {EXAMPLE_ADJACENCIES}, got {self.adjacency!r}")
+
+
+@dataclass(frozen=True)
+class DPMerfConfig(GeneratorConfig):
+    """Hyper-parameters of DP-Merf: random Fourier features of a Gaussian kernel, and the generator."""
+
+    num_features: int = 1000  # random Fourier features (cos and sin of num_features / 2 frequencies)
+    kernel_width: float | None = None  # None: DP-Merf's value for the dataset (DPMERF_KERNEL_WIDTH)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_features < 2 or self.num_features % 2:
+            raise ValueError(f"num_features must be even and >= 2 (cos and sin pairs), got {self.num_features}")
+        if self.kernel_width is not None and not self.kernel_width > 0:
+            raise ValueError(f"kernel_width must be > 0, got {self.kernel_width}")
 
     def resolved_kernel_width(self, dataset: str) -> float:
         if self.kernel_width is not None:
@@ -117,22 +133,24 @@ def random_fourier_features(x_flat: torch.Tensor, frequencies: torch.Tensor) -> 
 def mean_embedding(
     x_flat: torch.Tensor,
     labels: torch.Tensor,
-    frequencies: torch.Tensor,
+    feature_map: FeatureMap,
     num_classes: int,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
 ) -> torch.Tensor:
     """Class-conditional mean embedding ``(1/N) sum_i phi(x_i) ⊗ onehot(y_i)``, shape ``(D, num_classes)``.
 
-    ``labels`` are indices in ``0..num_classes-1``. Column ``c`` is ``(N_c / N)`` times the mean
-    feature of class ``c``. Summed in chunks so that ``N x D`` features never coexist in memory.
+    ``phi`` is ``feature_map`` (e.g. ``partial(random_fourier_features, frequencies=w)``); ``labels``
+    are indices in ``0..num_classes-1``. Column ``c`` is ``(N_c / N)`` times the mean feature of
+    class ``c``. Summed in chunks so that ``N x D`` features never coexist in memory.
     """
     if len(x_flat) != len(labels) or len(labels) == 0:
         raise ValueError("need as many labels as inputs, and at least one input")
-    total = x_flat.new_zeros(2 * frequencies.shape[0], num_classes)
+    total: torch.Tensor | None = None
     for start in range(0, len(labels), chunk_size):
-        features = random_fourier_features(x_flat[start : start + chunk_size], frequencies)
+        features = feature_map(x_flat[start : start + chunk_size])
         one_hot = nn.functional.one_hot(labels[start : start + chunk_size], num_classes).to(features.dtype)
-        total += features.t() @ one_hot  # = sum of the outer products phi(x_i) onehot(y_i)^T
+        chunk_sum = features.t() @ one_hot  # = sum of the outer products phi(x_i) onehot(y_i)^T
+        total = chunk_sum if total is None else total + chunk_sum
     return total / len(labels)
 
 
@@ -253,9 +271,9 @@ class ConditionalGenerator(nn.Module):
 
 def train_generator(
     noisy_emb: torch.Tensor,
-    frequencies: torch.Tensor,
+    feature_map: FeatureMap,
     *,
-    config: DPMerfConfig,
+    config: GeneratorConfig,
     image_size: tuple[int, int] = (28, 28),
     device: str = "cpu",
     seed: int = 0,
@@ -263,13 +281,13 @@ def train_generator(
 ) -> ConditionalGenerator:
     """Fit a generator whose class-conditional mean embedding matches ``noisy_emb``.
 
-    Takes only the released embedding and the (data-independent) frequencies: this is pure
-    post-processing of the DP release. Loss: squared L2 distance between ``noisy_emb`` and the
-    mean embedding of a batch of generated samples with uniformly drawn labels (as DP-Merf).
+    Takes only the released embedding and the (data-independent) feature map, on ``device``:
+    this is pure post-processing of the DP release. Loss: squared L2 distance between
+    ``noisy_emb`` and the mean embedding of a batch of generated samples with uniformly drawn
+    labels (as DP-Merf).
     """
     num_classes = noisy_emb.shape[1]
     target = noisy_emb.to(device)
-    frequencies = frequencies.to(device)
     with public_seed(seed, _cuda_indices(device)):  # parameter initialisation uses the global RNG
         gen = ConditionalGenerator(config.latent_dim, num_classes, config.hidden_dim, image_size=image_size)
     gen.to(device).train()
@@ -279,7 +297,7 @@ def train_generator(
     for _ in range(config.generator_steps):
         labels = torch.randint(num_classes, (config.batch_size,), generator=rng, device=device)
         code = torch.randn(config.batch_size, config.latent_dim, generator=rng, device=device)
-        gen_emb = mean_embedding(gen(code, labels), labels, frequencies, num_classes)
+        gen_emb = mean_embedding(gen(code, labels), labels, feature_map, num_classes, chunk_size=config.batch_size)
         loss = (target - gen_emb).pow(2).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -322,6 +340,12 @@ def sample_generator(
 
 @register_method
 class DPMerf(Method):
+    """One DP release of a class-conditional mean embedding, then a generator fitted to it.
+
+    The embedding's features are :meth:`feature_map` (here random Fourier features); a method
+    with other features of norm <= 1 overrides only that (DP-MEPF, :mod:`fedpsg.methods.dpmepf`).
+    """
+
     name = "dpmerf"
     label = "DP-Merf"
     releases = "synthetic"
@@ -338,38 +362,51 @@ class DPMerf(Method):
         "tiny": EvalConfig(width=16, epochs=30, augment=False, num_evals=1),
     }
 
-    def plan(self, stage: PartyStage, config: DPMerfConfig) -> PrivacyRecord:
+    def plan(self, stage: PartyStage, config: GeneratorConfig) -> PrivacyRecord:
         return embedding_privacy(len(stage.data), stage.epsilon, stage.delta, config.accountant, config.adjacency)
 
-    def steps(self, stage: PartyStage, config: DPMerfConfig) -> int:
+    def steps(self, stage: PartyStage, config: GeneratorConfig) -> int:
         return config.generator_steps
 
+    def feature_map(self, stage: PartyStage, config: DPMerfConfig) -> FeatureMap:
+        """Random Fourier features of DP-Merf's Gaussian kernel; frequencies from the public seed."""
+        (height, width) = stage.data.images.shape[2:]
+        frequencies = draw_frequencies(
+            config.num_features,
+            height * width,
+            config.resolved_kernel_width(stage.spec.name),
+            torch.Generator().manual_seed(stage.seed),
+        ).to(stage.device)
+        return partial(random_fourier_features, frequencies=frequencies)
+
     def release(
-        self, stage: PartyStage, config: DPMerfConfig, plan: PrivacyRecord, secret: SecretRandomness, progress: Progress
+        self,
+        stage: PartyStage,
+        config: GeneratorConfig,
+        plan: PrivacyRecord,
+        secret: SecretRandomness,
+        progress: Progress,
     ) -> Release:
         """Release one DP mean embedding of the party's data; generate ``samples_per_class`` images per class.
 
         The images are normalised like the real data, with the original class ids as labels; the
         record is the single Gaussian release under ``config.adjacency`` (see
-        :func:`embedding_sensitivity`). ``stage.seed`` is public (frequencies, generator training
-        and sampling: post-processing); the release's noise comes from ``secret``.
+        :func:`embedding_sensitivity`). ``stage.seed`` is public (the feature map, generator
+        training and sampling: post-processing); the release's noise comes from ``secret``.
         """
         data, spec, device, seed = stage.data, stage.spec, stage.device, stage.seed
-        class_ids, indices = partition_class_indices(data, stage.classes)
         if len(data) == 0:
-            raise ValueError("DP-Merf needs at least one example")
+            raise ValueError(f"{self.label} needs at least one example")
+        class_ids, indices = partition_class_indices(data, stage.classes)
         channels, (height, width) = data.images.shape[1], data.images.shape[2:]
         if channels != 1:
-            raise ValueError("DP-Merf's generator produces single-channel images")
+            raise ValueError(f"{self.label}'s generator produces single-channel images")
+        feature_map = self.feature_map(stage, config)
 
-        cpu_rng = torch.Generator().manual_seed(seed)
-        frequencies = draw_frequencies(
-            config.num_features, channels * height * width, config.resolved_kernel_width(spec.name), cpu_rng
-        ).to(device)
-
-        # The only access to the real data: features in [0, 1] pixel space, where the kernel width is defined.
+        # The only access to the real data: features of [0, 1] pixels (where kernels and feature nets are defined).
         pixels = spec.to_pixels(data.images.to(device)).flatten(1)
-        emb = mean_embedding(pixels, indices.to(device), frequencies, len(class_ids))
+        with torch.no_grad():
+            emb = mean_embedding(pixels, indices.to(device), feature_map, len(class_ids))
         del pixels, indices
         noisy_emb, record = release_embedding(
             emb,
@@ -384,7 +421,7 @@ class DPMerf(Method):
 
         gen = train_generator(
             noisy_emb,
-            frequencies,
+            feature_map,
             config=config,
             image_size=(height, width),
             device=device,
