@@ -22,7 +22,7 @@ from pathlib import Path
 from fedpsg.budget.policy import POLICY_ENV, STATE_DIR_ENV
 from fedpsg.runs.cli import add_run_arguments, run_config_from_args
 from fedpsg.runs.repeats import repeat_settings
-from fedpsg.runs.settings import positive_int_from_run_config, settings_from_run_config
+from fedpsg.runs.settings import RunConfig, settings_from_run_config
 from fedpsg.runs.superlink import REPO, FlowerProcesses, free_port, run_config_string
 
 log = logging.getLogger("fedpsg.deploy")
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = str(Path(args.data_dir).resolve())
     values = run_config_from_args(args, out=out, data_dir=data_dir)
     try:  # the same checks the ServerApp will make, before anything starts
-        repeat_settings(settings_from_run_config(values), positive_int_from_run_config(values, "repeats", 1))
-        positive_int_from_run_config(values, "parallel-jobs", 1)
+        repeat_settings(settings_from_run_config(values), RunConfig(values).positive_int("repeats", 1))
+        RunConfig(values).positive_int("parallel-jobs", 1)
     except ValueError as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

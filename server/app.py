@@ -30,7 +30,6 @@ from fedpsg.runs.settings import (
     RunConfig,
     RunSettings,
     as_bool,
-    positive_int_from_run_config,
     settings_from_run_config,
 )
 
@@ -153,8 +152,8 @@ def make_server_app() -> ServerApp:
             run_settings = federated_settings_from_run_config(config)
         else:
             run_settings = settings_from_run_config(config)
-        repeats = positive_int_from_run_config(config, "repeats", 1)
-        jobs = positive_int_from_run_config(config, "parallel-jobs", run_settings.num_partitions)
+        repeats = values.positive_int("repeats", 1)
+        jobs = values.positive_int("parallel-jobs", run_settings.num_partitions)
         threads = values.get("evaluation-threads", int)
         if threads is not None:
             torch.set_num_threads(threads)

@@ -16,7 +16,7 @@ from flwr.app import Context, RecordDict
 from fedpsg.continual.coordinator import Coordinator
 from fedpsg.continual.local import LocalParties
 from fedpsg.runs.repeats import mean_interval, paired_differences, repeat_settings, repeat_statistics, run_repeats
-from fedpsg.runs.settings import positive_int_from_run_config, resolve_settings
+from fedpsg.runs.settings import RunConfig, resolve_settings
 from fedpsg.runs.superlink import REPO
 from server.app import make_server_app
 from tests.inprocess import InProcessGrid, patch_task_identity
@@ -132,9 +132,9 @@ def test_the_server_app_runs_the_run_configs_repeats_and_each_is_charged_to_the_
 
     for bad, reason in [("0", "repeats must be >= 1"), ("two", "invalid literal")]:
         with pytest.raises(ValueError, match=reason):
-            positive_int_from_run_config({"repeats": bad}, "repeats", 1)
-    assert positive_int_from_run_config({"repeats": ""}, "repeats", 1) == 1
-    assert positive_int_from_run_config({}, "parallel-jobs", 5) == 5
+            RunConfig({"repeats": bad}).positive_int("repeats", 1)
+    assert RunConfig({"repeats": ""}).positive_int("repeats", 1) == 1
+    assert RunConfig({}).positive_int("parallel-jobs", 5) == 5
 
 
 @pytest.mark.slow

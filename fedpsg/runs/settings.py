@@ -353,6 +353,14 @@ class RunConfig:
         value = self.config.get(key)
         return None if value in ("", None) else convert(value)
 
+    def positive_int(self, key: str, default: int) -> int:
+        """``key`` (``repeats``, ``parallel-jobs``) as an int >= 1; ``default`` if absent or ""."""
+        number = self.get(key, int)
+        number = default if number is None else number
+        if number < 1:
+            raise ValueError(f"{key} must be >= 1, got {number}")
+        return number
+
     def epsilon(self) -> float | None:
         epsilons = self.get("eps", parse_epsilons)
         if epsilons is not None and len(epsilons) != 1:
@@ -372,15 +380,6 @@ class RunConfig:
             "data_dir": self.get("data-dir"),
             "overrides": self.get("set") or "",
         }
-
-
-def positive_int_from_run_config(config: Mapping[str, Any], key: str, default: int) -> int:
-    """The run config's ``key`` (``repeats``, ``parallel-jobs``) as an int >= 1; ``default`` if absent or ""."""
-    value = config.get(key)
-    number = default if value in ("", None) else int(value)
-    if number < 1:
-        raise ValueError(f"{key} must be >= 1, got {value}")
-    return number
 
 
 def settings_from_run_config(config: Mapping[str, Any]) -> RunSettings:
