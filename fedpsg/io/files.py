@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,14 @@ import torch
 
 
 def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """Call ``write(partial_path)``, then rename the partial file to ``path`` (atomic on POSIX)."""
+    """Call ``write(partial_path)``, then rename the partial file to ``path`` (atomic on POSIX).
+
+    The partial file is named per process: processes writing the same file at once (parties
+    caching the same feature network) each rename a whole file; the last one wins.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     write(partial)
     partial.replace(path)
     return path

@@ -31,7 +31,6 @@ DP-Merf: the class counts stay unreleased, the paper divides by them).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -44,6 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedpsg.data.datasets import dataset_spec, load_images
+from fedpsg.io.files import save_atomically, write_json
 from fedpsg.methods.base import PartyStage, register_method
 from fedpsg.methods.dpmerf import DPMerf, FeatureMap, GeneratorConfig
 from fedpsg.nn.evaluation import EvalConfig, new_classifier, predict, train_classifier
@@ -172,11 +172,8 @@ def public_convnet(
         "torch": torch.__version__,
         "host": platform.node(),
     }
-    cache.mkdir(parents=True, exist_ok=True)
-    partial_file = weights.with_suffix(f".{os.getpid()}.tmp")  # parties training at once: the last rename wins
-    torch.save(model.state_dict(), partial_file)
-    os.replace(partial_file, weights)
-    weights.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(weights.with_suffix(".json"), record)  # the record first: weights imply their record
+    save_atomically(model.state_dict(), weights)
     print(f"DP-MEPF: feature network trained, {public.name} test accuracy {accuracy:.3f}", flush=True)
     return model.features
 
