@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedpsg.data.datasets import dataset_spec, load_images
+from fedpsg.data.datasets import DatasetSpec, dataset_spec, load_images
 from fedpsg.io.files import save_atomically, write_json
 from fedpsg.methods.base import PartyStage, register_method
 from fedpsg.methods.dpmerf import DPMerf, FeatureMap, GeneratorConfig
@@ -56,6 +56,7 @@ __all__ = [
     "LayerActivations",
     "feature_cache_dir",
     "perceptual_features",
+    "public_dataset",
     "public_convnet",
     "vgg19_features",
 ]
@@ -137,6 +138,15 @@ def feature_cache_dir(config: DPMEPFConfig) -> Path:
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "fedpsg") / "feature-nets"
 
 
+def public_dataset(config: DPMEPFConfig, party_dataset: str) -> DatasetSpec:
+    """The feature network's training set: ``config.public_dataset``, else PUBLIC_DATASET; never the party's."""
+    party = dataset_spec(party_dataset).name
+    public = dataset_spec(config.public_dataset or PUBLIC_DATASET[party])
+    if public.name == party:
+        raise ValueError(f"the feature network must not be trained on the party's own dataset ({party})")
+    return public
+
+
 def public_convnet(
     config: DPMEPFConfig, party_dataset: str, *, data_dir: str | os.PathLike | None, seed: int = 0
 ) -> nn.Sequential:
@@ -145,10 +155,7 @@ def public_convnet(
     The record beside the weights says what it was trained on, for how long, and its accuracy on
     the public dataset's test split.
     """
-    party = dataset_spec(party_dataset).name
-    public = dataset_spec(config.public_dataset or PUBLIC_DATASET[party])
-    if public.name == party:
-        raise ValueError(f"the feature network must not be trained on the party's own dataset ({party})")
+    public = public_dataset(config, party_dataset)
     training = EvalConfig(width=config.feature_width, depth=config.feature_depth, epochs=config.feature_epochs,
                           augment=False, num_evals=1, batch_size=128)  # fmt: skip
     cache = feature_cache_dir(config)
@@ -223,7 +230,7 @@ class DPMEPF(DPMerf):
         height, width = stage.data.images.shape[2:]
         if config.features == PUBLIC_FEATURES:
             net = public_convnet(config, stage.spec.name, data_dir=stage.data_dir)
-            network_input = dataset_spec(config.public_dataset or PUBLIC_DATASET[stage.spec.name]).normalise
+            network_input = public_dataset(config, stage.spec.name).normalise
         else:
             net = vgg19_features(config.features)
             network_input = _vgg_input
