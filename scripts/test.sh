@@ -8,7 +8,8 @@ export FEDPSG_DATA_DIR="${FEDPSG_DATA_DIR:-$(cd .. && pwd)/shared/data}"
 if [ "$#" -gt 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
-# The unit tests two at a time, one thread each (xdist); the end-to-end runs after them, alone:
-# they start their own Ray workers on every core and some wait on wall-clock deadlines.
-.venv/bin/python -m pytest -q -n 2 -m "not slow"
+# The unit tests one at a time on one thread: their models are tiny, and on a 2-core machine two
+# at a time (xdist) were no faster: each test took about twice as long (BENCHMARKS.md).
+# The end-to-end runs after them: they start their own Ray workers on every core.
+OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -m "not slow"
 .venv/bin/python -m pytest -q -m slow

@@ -7,14 +7,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pytest_configure(config) -> None:
-    """Under xdist every worker gets one thread (and so do its subprocesses): two workers on two
-    cores, not four threads fighting over them."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        os.environ["OMP_NUM_THREADS"] = "1"
-        torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """Real MNIST/FashionMNIST in torchvision's layout (CI sets FEDPSG_DATA_DIR=../shared/data)."""
