@@ -75,6 +75,8 @@ DEFAULT_GRID = {
         "dpmerf.generator_steps=3000 dpmerf.samples_per_class=1000",
     ],
     "dpmepf": ["dpmepf.moments=first", "dpmepf.moments=first-and-second"],
+    # The full method and the poster's ablations (w/o g2r, w/o r2g, w/o sequential training).
+    "dpac": ["dpac.sequential=true", "dpac.g2r_weight=0", "dpac.r2g_weight=0", "dpac.sequential=false"],
 }
 
 

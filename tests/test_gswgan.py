@@ -109,7 +109,8 @@ def test_the_public_stream_does_not_depend_on_how_many_examples_a_subset_holds()
     ]
     states = []
     for subsets in neighbours:
-        trainer = gswgan._Trainer(pixels, labels, 2, config, device="cpu", seed=5, secret=SecretRandomness.fixed(1))
+        secret = SecretRandomness.fixed(1)
+        trainer = gswgan.GSWGANTrainer(pixels, labels, 2, config, device="cpu", seed=5, secret=secret)
         critics = [trainer.new_critic(i, torch.tensor(s, dtype=torch.long)) for i, s in enumerate(subsets)]
         generator = trainer.new_generator(0)
         for _ in range(2):

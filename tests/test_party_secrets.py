@@ -40,8 +40,9 @@ DPMERF = replace(get_method("dpmerf").presets["tiny"], generator_steps=20, sampl
 TINY_EVAL = get_method("psg").evaluation["tiny"]
 DPDM = replace(get_method("dpdm").presets["tiny"], iterations=10)
 GSWGAN = replace(get_method("gswgan").presets["tiny"], generator_iterations=6, samples_per_class=10)
+DPAC = replace(get_method("dpac").presets["tiny"], generator_iterations=6, samples_per_class=10)
 # DP-MEPF's release is DP-Merf's code path (tests/test_dpmepf.py checks its one release and its secret).
-CONFIGS = {"psg": PSG, "dpsgd": DPSGD, "dpmerf": DPMERF, "dpdm": DPDM, "gswgan": GSWGAN}
+CONFIGS = {"psg": PSG, "dpsgd": DPSGD, "dpmerf": DPMERF, "dpdm": DPDM, "gswgan": GSWGAN, "dpac": DPAC}
 CLASSES = [1, 2]  # partition 1 of the default order
 ARCH = TINY_EVAL.architecture
 

@@ -123,7 +123,7 @@ def tiny_stage(data_dir, method: str, epsilon: float) -> tuple:
 
 
 # dpmepf passes too (its release is DP-Merf's code path; 134 s, left out of CI for time).
-@pytest.mark.parametrize("method", ["psg", "dpsgd", "dpdm", "dpmerf", "gswgan"])
+@pytest.mark.parametrize("method", ["psg", "dpsgd", "dpdm", "dpmerf", "gswgan", "dpac"])
 def test_a_method_whose_noise_goes_missing_is_caught(tmp_path, data_dir, method):
     chosen, config, stage = tiny_stage(data_dir, method, epsilon=1.0)
     ledger, policy = Ledger(tmp_path, "mnist"), PartyPolicy()

@@ -109,10 +109,13 @@ __all__ = [
     "GSWGAN_EVALUATION",
     "GSWGAN_PRESETS",
     "MECHANISM",
+    "Critic",
+    "GSWGANTrainer",
     "assign_subsets",
     "clip_per_sample",
     "sanitise",
     "step_sensitivity",
+    "train_gswgan",
 ]
 
 MECHANISM = "subsampled-gaussian (1 of K critics per step, sensitivity 2*C*sqrt(B))"
@@ -247,14 +250,19 @@ def assign_subsets(n: int, num_subsets: int, generator: torch.Generator) -> list
 
 
 @dataclass
-class _Critic:
+class Critic:
     net: ConditionalCritic
     optimizer: torch.optim.Optimizer
     subset: torch.Tensor  # indices into the party's data
 
 
-class _Trainer:
-    """The state of one GS-WGAN run: data in pixel space, critics, generator, random streams."""
+class GSWGANTrainer:
+    """The state of one GS-WGAN run: data in pixel space, critics, generator, random streams.
+
+    What the party keeps beside each critic and what the generator's per-sample loss is are the
+    methods :meth:`new_critic`, :meth:`critic_update` and :meth:`sample_gradients`: a variant
+    (DP-GAN-DPAC) overrides them and keeps the loop, the sanitisation and the accounting.
+    """
 
     def __init__(
         self,
@@ -279,15 +287,15 @@ class _Trainer:
     def generator_optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
         return adam(net, self.config.lr_generator, self.config)
 
-    def new_critic(self, index: int, subset: torch.Tensor) -> _Critic:
+    def new_critic(self, index: int, subset: torch.Tensor) -> Critic:
         seed = self.seed * 100_003 + 50_021 + index
         net = new_critic(self.config, self.num_classes, seed, self.image_size).to(self.device)
-        return _Critic(net, adam(net, self.config.lr_discriminator, self.config), subset)
+        return Critic(net, adam(net, self.config.lr_discriminator, self.config), subset)
 
     def codes(self, count: int) -> torch.Tensor:
         return torch.randn(count, self.config.latent_dim, generator=self.public, device=self.device)
 
-    def critic_update(self, critic: _Critic, generator: ConditionalGenerator) -> None:
+    def critic_update(self, critic: Critic, generator: ConditionalGenerator) -> None:
         """One non-private WGAN-GP step of ``critic`` on a real batch of its own subset (drawn secretly).
 
         Always draws a full batch of codes and penalty weights from the public stream, and uses
@@ -309,22 +317,24 @@ class _Trainer:
             gp_weight=self.config.gp_weight, drift_weight=self.config.drift_weight, alpha=alpha[: len(real)],
         )  # fmt: skip
 
-    def sample_gradients(
-        self, critic: ConditionalCritic, generator: ConditionalGenerator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_gradients(self, critic: Critic, generator: ConditionalGenerator) -> tuple[torch.Tensor, torch.Tensor]:
         """Generated images ``x`` (attached to the generator) and ``d(-D(x_i, y_i)) / d x_i`` for each."""
-        labels = torch.randint(self.num_classes, (self.config.batch_size,), generator=self.public, device=self.device)
+        labels = self.labels_for_generator()
         images = generator(self.codes(len(labels)), labels)
-        return images, generator_loss_gradients(critic, images.detach(), labels)
+        return images, generator_loss_gradients(critic.net, images.detach(), labels)
 
-    def warm_start(self, critic: _Critic, index: int, progress: Progress) -> None:
+    def labels_for_generator(self) -> torch.Tensor:
+        """A batch of class indices for generated samples, from the public stream."""
+        return torch.randint(self.num_classes, (self.config.batch_size,), generator=self.public, device=self.device)
+
+    def warm_start(self, critic: Critic, index: int, progress: Progress) -> None:
         """The paper's non-private warm start: a GAN game on the critic's subset against a throwaway generator."""
         generator = self.new_generator(1 + index)
         optimizer = self.generator_optimizer(generator)
         for _ in range(self.config.pretrain_iterations):
             for _ in range(self.config.critic_iterations):
                 self.critic_update(critic, generator)
-            images, grad = self.sample_gradients(critic.net, generator)
+            images, grad = self.sample_gradients(critic, generator)
             optimizer.zero_grad(set_to_none=True)
             images.backward(grad / len(grad))
             optimizer.step()
@@ -342,17 +352,18 @@ def train_gswgan(
     seed: int,
     secret: SecretRandomness,
     progress: Progress,
+    trainer_class: type[GSWGANTrainer] = GSWGANTrainer,
 ) -> ConditionalGenerator:
     """Train a DP conditional generator on ``pixels`` (``[0, 1]``, ``(N, 1, H, W)``) and class indices ``labels``.
 
     Returns the generator to sample (the moving average if ``config.ema_decay > 0``); ``record``
     is the planned mechanism (its noise multiplier; infinite epsilon: no clipping, no noise).
     ``secret`` draws the split, the picks, the critics' batches and the noise; ``seed`` drives
-    everything public.
+    everything public. ``trainer_class``: what each critic holds and what the generator's loss is.
     """
     private = not math.isinf(record.epsilon)
     noise_std = record.noise_multiplier * step_sensitivity(config.max_grad_norm, config.batch_size)
-    trainer = _Trainer(
+    trainer = trainer_class(
         pixels.to(device), labels.to(device), num_classes, config, device=device, seed=seed, secret=secret
     )
 
@@ -370,7 +381,7 @@ def train_gswgan(
         critic = critics[pick]
         for _ in range(config.critic_iterations):
             trainer.critic_update(critic, generator)
-        images, grad = trainer.sample_gradients(critic.net, generator)
+        images, grad = trainer.sample_gradients(critic, generator)
         if private:
             grad = sanitise(grad, config.max_grad_norm, noise_std, secret.noise, sample_rate=record.sample_rate)
         optimizer.zero_grad(set_to_none=True)
@@ -393,6 +404,7 @@ class GSWGAN(Method):
     config_class = GSWGANConfig
     presets = GSWGAN_PRESETS
     evaluation = GSWGAN_EVALUATION
+    trainer_class: type[GSWGANTrainer] = GSWGANTrainer
 
     def plan(self, stage: PartyStage, config: GSWGANConfig) -> PrivacyRecord:
         """T subsampled Gaussian steps at q = 1/K (noise multiplier w.r.t. 2 C sqrt(B))."""
@@ -434,6 +446,7 @@ class GSWGAN(Method):
             seed=stage.seed,
             secret=secret,
             progress=progress,
+            trainer_class=self.trainer_class,
         )
         images, index_labels = sample_generator(
             generator, config.released_per_class, device=stage.device, seed=stage.seed + 2
