@@ -25,12 +25,16 @@ that the method costs *exactly GS-WGAN's privacy* and reuses its mechanism uncha
   Gaussian release per step of B rows, each anywhere in its C-ball whatever subset k holds, so
   GS-WGAN's sensitivity 2 C sqrt(B) and its accounting (T steps at q = 1/K) hold as they are.
   :mod:`fedpsg.methods.gswgan` explains the mechanism; this file adds no release.
-* Sequential training: at every critic update the classifier takes a step on a real batch of its
-  subset, then a step on a generated batch (labels: the conditioning ones).
+* Sequential training: at every critic update the classifier takes a step on a generated batch
+  (labels: the conditioning ones), then a step on a real batch of its subset, so that the
+  classifier the generator meets has just learnt from real data (r2g's "real-trained").
   ``sequential=False`` is the poster's "w/o sequential" ablation: one step on both losses at once.
-* The classifier has the critic's shape (three 5x5 stride-2 convolutions, no normalisation, so
-  that per-sample gradients stay per sample) with a linear head; Adam at ``lr_classifier``. It is
-  warm-started with its critic. The poster's "w/o init" ablation is not modelled.
+  ``g_k^real`` is the last-layer gradient on that real batch after the update.
+* The classifier has the critic's trunk (:func:`fedpsg.nn.gan.critic_features`: no
+  normalisation, so per-sample gradients stay per sample) with a linear head, Adam with the GAN's
+  betas at ``lr_classifier``, and is warm-started with its critic. A critic whose subset is empty
+  has an untrained classifier: its steps use -D_k alone. The poster's "w/o init" ablation is not
+  modelled.
 * ``r2g_weight=0`` / ``g2r_weight=0`` are the poster's "w/o r2g" / "w/o g2r" ablations.
 
 The last layer's per-sample gradient of the cross-entropy is ``(softmax(z) - onehot(y)) h^T`` (and
@@ -50,7 +54,7 @@ from fedpsg.dp.secret import public_seed
 from fedpsg.methods.base import register_method
 from fedpsg.methods.gswgan import GSWGAN, Critic, GSWGANConfig, GSWGANTrainer
 from fedpsg.nn.evaluation import EvalConfig
-from fedpsg.nn.gan import ConditionalGenerator
+from fedpsg.nn.gan import ConditionalGenerator, adam, critic_features
 
 __all__ = [
     "DPAC",
@@ -58,7 +62,7 @@ __all__ = [
     "AuxiliaryClassifier",
     "ClassifiedCritic",
     "DPACTrainer",
-    "generator_loss_gradients",
+    "classifier_loss_gradients",
     "last_layer_gradients",
 ]
 
@@ -81,21 +85,11 @@ class DPACConfig(GSWGANConfig):
 
 
 class AuxiliaryClassifier(nn.Module):
-    """The critic's trunk (three 5x5 stride-2 convs, LeakyReLU, no normalisation) and a linear head."""
+    """The critic's trunk and a linear head: features ``h`` and class logits."""
 
     def __init__(self, num_classes: int, width: int, image_size: tuple[int, int] = (28, 28)):
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, width, kernel_size=5, stride=2, padding=2),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(width, 2 * width, kernel_size=5, stride=2, padding=2),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * width, 4 * width, kernel_size=5, stride=2, padding=2),
-            nn.LeakyReLU(0.2),
-            nn.Flatten(),
-        )
-        with torch.no_grad():
-            dim = self.features(torch.zeros(1, 1, *image_size)).shape[1]
+        self.features, dim = critic_features(width, image_size)
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +103,33 @@ def last_layer_gradients(features: torch.Tensor, logits: torch.Tensor, labels: t
     error = logits.softmax(dim=1) - F.one_hot(labels, logits.shape[1]).to(logits.dtype)
     weight = error.unsqueeze(2) * features.unsqueeze(1)  # (B, C, dim): d CE / d W = (p - e_y) h^T
     return torch.cat([weight.flatten(1), error], dim=1)
+
+
+def classifier_loss_gradients(
+    classifier: AuxiliaryClassifier,
+    real_gradient: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    r2g_weight: float,
+    g2r_weight: float,
+) -> torch.Tensor:
+    """``d/dx_i`` of ``r2g_weight * CE(A(x_i), y_i) + g2r_weight * (1 - cos(real_gradient, g(x_i, y_i)))``.
+
+    Every term is per sample (no batch statistics; ``real_gradient`` is a constant), so the
+    gradient of their sum w.r.t. ``x_i`` is sample i's own.
+    """
+    leaf = images.detach().requires_grad_(True)
+    classifier.requires_grad_(False)
+    try:
+        features, logits = classifier(leaf)
+        loss = r2g_weight * F.cross_entropy(logits, labels, reduction="none")
+        own = last_layer_gradients(features, logits, labels)
+        loss = loss + g2r_weight * (1 - F.cosine_similarity(own, real_gradient.unsqueeze(0), dim=1))
+        (grad,) = torch.autograd.grad(loss.sum(), leaf)
+    finally:
+        classifier.requires_grad_(True)
+    return grad
 
 
 @dataclass
@@ -128,11 +149,11 @@ class DPACTrainer(GSWGANTrainer):
         with public_seed(self.seed * 100_003 + 75_011 + index):
             classifier = AuxiliaryClassifier(self.num_classes, self.config.critic_width, self.image_size)
         classifier = classifier.to(self.device)
-        optimizer = torch.optim.Adam(classifier.parameters(), lr=self.config.lr_classifier)
+        optimizer = adam(classifier, self.config.lr_classifier, self.config)
         return ClassifiedCritic(critic.net, critic.optimizer, critic.subset, classifier, optimizer)
 
     def critic_update(self, critic: ClassifiedCritic, generator: ConditionalGenerator) -> None:
-        """The critic's WGAN-GP step, then its classifier's: real then generated (or both at once).
+        """The critic's WGAN-GP step, then its classifier's: generated then real (or both at once).
 
         Like the critic's, the public draws (codes, labels) come first and are always a full batch.
         """
@@ -151,49 +172,26 @@ class DPACTrainer(GSWGANTrainer):
             return F.cross_entropy(classifier(images)[1], targets)
 
         if self.config.sequential:
-            for images, targets in ((real, real_labels), (fake, labels)):
+            for images, targets in ((fake, labels), (real, real_labels)):
                 optimizer.zero_grad(set_to_none=True)
                 loss(images, targets).backward()
                 optimizer.step()
         else:
             optimizer.zero_grad(set_to_none=True)
-            (loss(real, real_labels) + loss(fake, labels)).backward()
+            (loss(fake, labels) + loss(real, real_labels)).backward()
             optimizer.step()
         with torch.no_grad():
             critic.real_gradient = last_layer_gradients(*classifier(real), real_labels).mean(dim=0)
 
-    def sample_gradients(
-        self, critic: ClassifiedCritic, generator: ConditionalGenerator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Generated images ``x`` (attached to the generator) and ``d L_i / d x_i`` for each."""
-        labels = self.labels_for_generator()
-        images = generator(self.codes(len(labels)), labels)
-        return images, generator_loss_gradients(critic, images.detach(), labels, self.config)
-
-
-def generator_loss_gradients(
-    critic: ClassifiedCritic, images: torch.Tensor, labels: torch.Tensor, config: DPACConfig
-) -> torch.Tensor:
-    """``d L_i / d x_i`` for each sample (the module docstring's ``L_i``): what gets clipped and noised."""
-    leaf = images.detach().requires_grad_(True)
-    nets = (critic.net, critic.classifier)
-    for net in nets:
-        net.requires_grad_(False)
-    try:
-        # Every term is per sample (no batch statistics), so the gradient of the sum w.r.t. x_i is sample i's own.
-        loss = -critic.net(leaf, labels)
-        features, logits = critic.classifier(leaf)
-        if config.r2g_weight > 0:
-            loss = loss + config.r2g_weight * F.cross_entropy(logits, labels, reduction="none")
-        if config.g2r_weight > 0 and critic.real_gradient is not None:
-            own = last_layer_gradients(features, logits, labels)
-            similarity = F.cosine_similarity(own, critic.real_gradient.unsqueeze(0), dim=1)
-            loss = loss + config.g2r_weight * (1 - similarity)
-        (grad,) = torch.autograd.grad(loss.sum(), leaf)
-    finally:
-        for net in nets:
-            net.requires_grad_(True)
-    return grad
+    def loss_gradients(self, critic: ClassifiedCritic, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """GS-WGAN's ``d(-D(x_i, y_i)) / d x_i`` plus the classifier's terms (once it has seen real data)."""
+        grad = super().loss_gradients(critic, images, labels)
+        if critic.real_gradient is None:
+            return grad
+        return grad + classifier_loss_gradients(
+            critic.classifier, critic.real_gradient, images, labels,
+            r2g_weight=self.config.r2g_weight, g2r_weight=self.config.g2r_weight,
+        )  # fmt: skip
 
 
 @register_method

@@ -260,8 +260,8 @@ class GSWGANTrainer:
     """The state of one GS-WGAN run: data in pixel space, critics, generator, random streams.
 
     What the party keeps beside each critic and what the generator's per-sample loss is are the
-    methods :meth:`new_critic`, :meth:`critic_update` and :meth:`sample_gradients`: a variant
-    (DP-GAN-DPAC) overrides them and keeps the loop, the sanitisation and the accounting.
+    methods :meth:`new_critic`, :meth:`critic_update` and :meth:`loss_gradients`: a variant
+    (DP-GAN-DPAC) overrides them and keeps the loop, the draws, the sanitisation and the accounting.
     """
 
     def __init__(
@@ -321,7 +321,11 @@ class GSWGANTrainer:
         """Generated images ``x`` (attached to the generator) and ``d(-D(x_i, y_i)) / d x_i`` for each."""
         labels = self.labels_for_generator()
         images = generator(self.codes(len(labels)), labels)
-        return images, generator_loss_gradients(critic.net, images.detach(), labels)
+        return images, self.loss_gradients(critic, images.detach(), labels)
+
+    def loss_gradients(self, critic: Critic, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The gradient of each generated sample's loss w.r.t. that sample: GS-WGAN's ``d(-D(x_i, y_i)) / d x_i``."""
+        return generator_loss_gradients(critic.net, images, labels)
 
     def labels_for_generator(self) -> torch.Tensor:
         """A batch of class indices for generated samples, from the public stream."""
@@ -341,33 +345,19 @@ class GSWGANTrainer:
             progress.step()
 
 
-def train_gswgan(
-    pixels: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    *,
-    record: PrivacyRecord,
-    config: GSWGANConfig,
-    device: str | torch.device,
-    seed: int,
-    secret: SecretRandomness,
-    progress: Progress,
-    trainer_class: type[GSWGANTrainer] = GSWGANTrainer,
-) -> ConditionalGenerator:
-    """Train a DP conditional generator on ``pixels`` (``[0, 1]``, ``(N, 1, H, W)``) and class indices ``labels``.
+def train_gswgan(trainer: GSWGANTrainer, *, record: PrivacyRecord, progress: Progress) -> ConditionalGenerator:
+    """Train a DP conditional generator on the trainer's data (``[0, 1]`` pixels, class indices).
 
     Returns the generator to sample (the moving average if ``config.ema_decay > 0``); ``record``
     is the planned mechanism (its noise multiplier; infinite epsilon: no clipping, no noise).
-    ``secret`` draws the split, the picks, the critics' batches and the noise; ``seed`` drives
-    everything public. ``trainer_class``: what each critic holds and what the generator's loss is.
+    The trainer's secret draws the split, the picks, the critics' batches and the noise; its
+    public seed drives everything public.
     """
+    config, secret = trainer.config, trainer.secret
     private = not math.isinf(record.epsilon)
     noise_std = record.noise_multiplier * step_sensitivity(config.max_grad_norm, config.batch_size)
-    trainer = trainer_class(
-        pixels.to(device), labels.to(device), num_classes, config, device=device, seed=seed, secret=secret
-    )
 
-    subsets = assign_subsets(len(labels), config.num_discriminators, secret.sampling)
+    subsets = assign_subsets(len(trainer.labels), config.num_discriminators, secret.sampling)
     critics = []
     for index, subset in enumerate(subsets):
         critics.append(trainer.new_critic(index, subset))
@@ -409,7 +399,7 @@ class GSWGAN(Method):
     def plan(self, stage: PartyStage, config: GSWGANConfig) -> PrivacyRecord:
         """T subsampled Gaussian steps at q = 1/K (noise multiplier w.r.t. 2 C sqrt(B))."""
         if len(stage.data) < 1:
-            raise ValueError("GS-WGAN needs at least one private example")
+            raise ValueError(f"{self.label} needs at least one private example")
         return private_record(
             stage.epsilon,
             stage.delta,
@@ -427,27 +417,20 @@ class GSWGAN(Method):
     def release(
         self, stage: PartyStage, config: GSWGANConfig, plan: PrivacyRecord, secret: SecretRandomness, progress: Progress
     ) -> Release:
-        """Train GS-WGAN on the party's data and sample ``config.released_per_class`` images per class.
+        """Train the generator on the party's data and sample ``config.released_per_class`` images per class.
 
         The images are normalised like the real data, with the original class ids.
         """
         data, spec = stage.data, stage.spec
         class_ids, indices = partition_class_indices(data, stage.classes)
         if data.images.shape[1] != 1:
-            raise ValueError("GS-WGAN's networks take single-channel images")
-        pixels = spec.to_pixels(data.images).clamp(0, 1)  # the generator's sigmoid range
-        generator = train_gswgan(
-            pixels,
-            indices,
-            len(class_ids),
-            record=plan,
-            config=config,
-            device=stage.device,
-            seed=stage.seed,
-            secret=secret,
-            progress=progress,
-            trainer_class=self.trainer_class,
+            raise ValueError(f"{self.label}'s networks take single-channel images")
+        pixels = spec.to_pixels(data.images).clamp(0, 1).to(stage.device)  # the generator's sigmoid range
+        labels = indices.to(stage.device)
+        trainer = self.trainer_class(
+            pixels, labels, len(class_ids), config, device=stage.device, seed=stage.seed, secret=secret
         )
+        generator = train_gswgan(trainer, record=plan, progress=progress)
         images, index_labels = sample_generator(
             generator, config.released_per_class, device=stage.device, seed=stage.seed + 2
         )

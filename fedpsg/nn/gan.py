@@ -85,6 +85,25 @@ class ConditionalGenerator(nn.Module):
         return torch.sigmoid(self.up2(h))
 
 
+def critic_features(width: int, image_size: tuple[int, int]) -> tuple[nn.Sequential, int]:
+    """The critic's trunk, three 5x5 stride-2 convs with LeakyReLU, flattened, and its output size.
+
+    No normalisation: each sample's output depends on that sample only.
+    """
+    features = nn.Sequential(
+        nn.Conv2d(1, width, kernel_size=5, stride=2, padding=2),
+        nn.LeakyReLU(0.2),
+        nn.Conv2d(width, 2 * width, kernel_size=5, stride=2, padding=2),
+        nn.LeakyReLU(0.2),
+        nn.Conv2d(2 * width, 4 * width, kernel_size=5, stride=2, padding=2),
+        nn.LeakyReLU(0.2),
+        nn.Flatten(),
+    )
+    with torch.no_grad():
+        dim = features(torch.zeros(1, 1, *image_size)).shape[1]
+    return features, dim
+
+
 class ConditionalCritic(nn.Module):
     """Three 5x5 stride-2 convs and a projection head: ``D(x, y) = w . h(x) + e_y . h(x)``.
 
@@ -94,17 +113,7 @@ class ConditionalCritic(nn.Module):
 
     def __init__(self, num_classes: int, width: int = 64, image_size: tuple[int, int] = (28, 28)):
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, width, kernel_size=5, stride=2, padding=2),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(width, 2 * width, kernel_size=5, stride=2, padding=2),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * width, 4 * width, kernel_size=5, stride=2, padding=2),
-            nn.LeakyReLU(0.2),
-            nn.Flatten(),
-        )
-        with torch.no_grad():
-            dim = self.features(torch.zeros(1, 1, *image_size)).shape[1]
+        self.features, dim = critic_features(width, image_size)
         self.linear = nn.Linear(dim, 1)
         self.embed = nn.Embedding(num_classes, dim)
         nn.init.normal_(self.embed.weight, std=0.01)  # the class term starts small next to w . h
