@@ -73,7 +73,7 @@ class DPACConfig(GSWGANConfig):
 
     r2g_weight: float = 1.0  # cross-entropy of the real-trained classifier on generated samples
     g2r_weight: float = 1.0  # cosine distance of last-layer gradients, generated sample vs real batch
-    sequential: bool = True  # a real step, then a generated step (False: one step on both losses)
+    sequential: bool = True  # a generated step, then a real step (False: one step on both losses)
     lr_classifier: float = 1e-3
 
     def __post_init__(self) -> None:
@@ -163,9 +163,7 @@ class DPACTrainer(GSWGANTrainer):
             fake = generator(self.codes(len(labels)), labels)
         if len(critic.subset) == 0:
             return
-        pick = torch.randperm(len(critic.subset), generator=self.secret.sampling)[: self.config.batch_size]
-        index = critic.subset[pick].to(self.device)
-        real, real_labels = self.pixels[index], self.labels[index]
+        real, real_labels = self.real_batch(critic)
         classifier, optimizer = critic.classifier, critic.classifier_optimizer
 
         def loss(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

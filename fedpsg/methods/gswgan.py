@@ -307,15 +307,19 @@ class GSWGANTrainer:
         alpha = torch.rand(batch, 1, 1, 1, generator=self.public, device=self.device)
         if len(critic.subset) == 0:
             return  # nothing to learn from; the critic still answers the generator's queries
-        pick = torch.randperm(len(critic.subset), generator=self.secret.sampling)[:batch]
-        index = critic.subset[pick].to(self.device)
-        real, labels = self.pixels[index], self.labels[index]
+        real, labels = self.real_batch(critic)
         with torch.no_grad():
             fake = generator(codes[: len(real)], labels)
         critic_step(
             critic.net, critic.optimizer, real, fake, labels, self.public,
             gp_weight=self.config.gp_weight, drift_weight=self.config.drift_weight, alpha=alpha[: len(real)],
         )  # fmt: skip
+
+    def real_batch(self, critic: Critic) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up to a batch of the critic's own (non-empty) subset, drawn from the secret sampling stream."""
+        pick = torch.randperm(len(critic.subset), generator=self.secret.sampling)[: self.config.batch_size]
+        index = critic.subset[pick].to(self.device)
+        return self.pixels[index], self.labels[index]
 
     def sample_gradients(self, critic: Critic, generator: ConditionalGenerator) -> tuple[torch.Tensor, torch.Tensor]:
         """Generated images ``x`` (attached to the generator) and ``d(-D(x_i, y_i)) / d x_i`` for each."""
