@@ -158,9 +158,8 @@ class DPACTrainer(GSWGANTrainer):
         Like the critic's, the public draws (codes, labels) come first and are always a full batch.
         """
         super().critic_update(critic, generator)
-        labels = self.labels_for_generator()
         with torch.no_grad():
-            fake = generator(self.codes(len(labels)), labels)
+            fake, labels = self.generated_batch(generator)
         if len(critic.subset) == 0:
             return
         real, real_labels = self.real_batch(critic)

@@ -321,10 +321,14 @@ class GSWGANTrainer:
         index = critic.subset[pick].to(self.device)
         return self.pixels[index], self.labels[index]
 
+    def generated_batch(self, generator: ConditionalGenerator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of generated images and their labels (labels, then codes, from the public stream)."""
+        labels = self.labels_for_generator()
+        return generator(self.codes(len(labels)), labels), labels
+
     def sample_gradients(self, critic: Critic, generator: ConditionalGenerator) -> tuple[torch.Tensor, torch.Tensor]:
         """Generated images ``x`` (attached to the generator) and ``d(-D(x_i, y_i)) / d x_i`` for each."""
-        labels = self.labels_for_generator()
-        images = generator(self.codes(len(labels)), labels)
+        images, labels = self.generated_batch(generator)
         return images, self.loss_gradients(critic, images.detach(), labels)
 
     def loss_gradients(self, critic: Critic, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
