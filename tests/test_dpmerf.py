@@ -314,6 +314,62 @@ def test_dpmerf_reproduces_only_with_the_secret(fmnist_party):
     assert not torch.equal(runs[2].images, runs[3].images)  # same public seed, fresh secrets
 
 
+def test_collapsed_classes_are_those_whose_samples_are_all_one_image():
+    g = torch.Generator().manual_seed(0)
+    flat = torch.rand(9, DIM, generator=g)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3])
+    flat[3:6] = 0.0  # class 1: three black images
+    flat[6:8] = flat[6]  # class 2: one image twice
+    flat[7, 0] += 1e-3  # ... but for one pixel: not collapsed
+    assert dpmerf.collapsed_classes(flat, labels) == [1]  # class 3 has a single sample: no verdict
+    flat[7, 0] = flat[6, 0]
+    assert dpmerf.collapsed_classes(flat, labels) == [1, 2]
+
+
+def collapsed_generator(num_classes: int) -> dpmerf.ConditionalGenerator:
+    """A generator whose sigmoid is saturated: every output pixel is sigmoid(-100) whatever the input."""
+    gen = dpmerf.ConditionalGenerator(5, num_classes)
+    last = gen.conv[-2]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(-100.0)
+    return gen.eval()
+
+
+@pytest.mark.parametrize("refits", [2, 0])
+def test_a_collapsed_generator_is_fitted_again_without_a_new_release(fmnist_party, monkeypatch, capsys, refits):
+    party, _ = fmnist_party
+    config = DPMerfConfig(generator_steps=20, samples_per_class=5, lr=0.01, refits_on_collapse=refits)
+    releases, seeds = [], []
+    real_mechanism, real_train_generator = dpmerf.gaussian_mechanism, dpmerf.train_generator
+
+    def count(*args, **kwargs):
+        releases.append(args)
+        return real_mechanism(*args, **kwargs)
+
+    def collapse_first(noisy_emb, feature_map, **kwargs):
+        seeds.append(kwargs["seed"])
+        if len(seeds) == 1:
+            return collapsed_generator(noisy_emb.shape[1])
+        return real_train_generator(noisy_emb, feature_map, **kwargs)
+
+    monkeypatch.setattr(dpmerf, "gaussian_mechanism", count)
+    monkeypatch.setattr(dpmerf, "train_generator", collapse_first)
+    release = generate(party, [5, 6], epsilon=1.0, config=config, seed=7)
+    out = capsys.readouterr().out
+
+    assert len(releases) == 1 and release.privacy.steps == 1  # one release whatever the fits
+    pixels = release.images.flatten(1)
+    if refits:
+        assert seeds == [7, 7 + dpmerf.REFIT_SEED_STRIDE]  # a second fit from another public seed, then stop
+        assert "the generator collapsed (every sample of class 5, 6 is one image)" in out and "1 of 2" in out
+        assert pixels.std(dim=0).max() > 0.01  # the released samples differ
+    else:
+        assert seeds == [7]
+        assert "WARNING: the generator collapsed" in out
+        assert torch.equal(pixels, pixels[:1].expand_as(pixels))  # released as it is
+
+
 def test_dpmerf_rejects_bad_input(fmnist_party):
     party, _ = fmnist_party
     config = DPMerfConfig(generator_steps=1, samples_per_class=1)
@@ -323,6 +379,8 @@ def test_dpmerf_rejects_bad_input(fmnist_party):
         generate(party, [5, 6], epsilon=0.0, config=config)
     with pytest.raises(ValueError):
         DPMerfConfig(num_features=999)
+    with pytest.raises(ValueError):
+        DPMerfConfig(refits_on_collapse=-1)
 
 
 def test_default_kernel_widths_are_dp_merfs():

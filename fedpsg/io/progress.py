@@ -45,6 +45,14 @@ class Progress:
             self._last = now
             self._write(self.line(now))
 
+    def extend(self, count: int) -> None:
+        """``count`` more steps than planned (work that has to be done again)."""
+        self.total += max(int(count), 0)
+
+    def note(self, message: str) -> None:
+        """A line that says what happened, under the same label as the progress lines."""
+        self._write(f"{self.label}: {message}")
+
     def line(self, now: float | None = None) -> str:
         now = now if now is not None else self._clock()
         elapsed = now - self._started

@@ -44,6 +44,8 @@ __all__ = [
     "random_fourier_features",
     "embedding_privacy",
     "release_embedding",
+    "collapsed_classes",
+    "fit_and_sample",
     "sample_generator",
     "train_generator",
 ]
@@ -72,10 +74,15 @@ class GeneratorConfig:
     samples_per_class: int = 6000
     accountant: str = "rdp"
     adjacency: str = "add-remove"  # or "replace-one", DP-Merf's own (twice the noise); see embedding_sensitivity
+    # Fits of the generator from a new public seed when its samples of a class are all one image
+    # (a saturated sigmoid: it happens at lr 0.1). Fitting reads only the release: no privacy cost.
+    refits_on_collapse: int = 2
 
     def __post_init__(self) -> None:
         if min(self.generator_steps, self.batch_size, self.latent_dim, self.hidden_dim, self.lr_decay_every) < 1:
             raise ValueError("generator_steps, batch_size, latent_dim, hidden_dim and lr_decay_every must be >= 1")
+        if self.refits_on_collapse < 0:
+            raise ValueError(f"refits_on_collapse must be >= 0, got {self.refits_on_collapse}")
         if self.samples_per_class < 0:
             raise ValueError("samples_per_class must be >= 0")
         if self.adjacency not in EXAMPLE_ADJACENCIES:
@@ -333,6 +340,61 @@ def sample_generator(
     return flat, labels.cpu()
 
 
+def collapsed_classes(flat: torch.Tensor, labels: torch.Tensor) -> list[int]:
+    """The class indices whose samples (two or more) are all the same image: a collapsed generator."""
+    collapsed = []
+    for index in labels.unique().tolist():
+        samples = flat[labels == index]
+        if len(samples) > 1 and bool(((samples - samples[0]).abs() <= 1e-6).all()):
+            collapsed.append(int(index))
+    return collapsed
+
+
+REFIT_SEED_STRIDE = 104_729  # public seed of refit k: seed + k * stride
+
+
+def fit_and_sample(
+    noisy_emb: torch.Tensor,
+    feature_map: FeatureMap,
+    *,
+    config: GeneratorConfig,
+    class_ids: torch.Tensor,
+    image_size: tuple[int, int],
+    device: str,
+    seed: int,
+    progress: Progress,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`train_generator`, then :func:`sample_generator`; fitted again while a class's samples collapse.
+
+    Every fit and the decision to refit see only the released embedding and public seeds
+    (post-processing): a refit repeats no release. ``class_ids`` name the classes in the log.
+    """
+    for refit in range(config.refits_on_collapse + 1):
+        gen = train_generator(
+            noisy_emb,
+            feature_map,
+            config=config,
+            image_size=image_size,
+            device=device,
+            seed=seed + refit * REFIT_SEED_STRIDE,
+            progress=progress,
+        )
+        flat, labels = sample_generator(gen, config.samples_per_class, device=device, seed=seed + 2)
+        collapsed = collapsed_classes(flat, labels)
+        if not collapsed:
+            break
+        which = f"every sample of class {', '.join(str(int(class_ids[i])) for i in collapsed)} is one image"
+        if refit < config.refits_on_collapse:
+            progress.extend(config.generator_steps)
+            progress.note(
+                f"the generator collapsed ({which}); fitting it again from a new public seed "
+                f"({refit + 1} of {config.refits_on_collapse}; no new release, no privacy spent)"
+            )
+        else:
+            progress.note(f"WARNING: the generator collapsed ({which}) in every fit; releasing its samples as they are")
+    return flat, labels
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole pipeline
 # ---------------------------------------------------------------------------------------------
@@ -419,15 +481,15 @@ class DPMerf(Method):
         )
         del emb
 
-        gen = train_generator(
+        flat, index_labels = fit_and_sample(
             noisy_emb,
             feature_map,
             config=config,
+            class_ids=class_ids,
             image_size=(height, width),
             device=device,
             seed=seed,
             progress=progress,
         )
-        flat, index_labels = sample_generator(gen, config.samples_per_class, device=device, seed=seed + 2)
         images = spec.normalise(flat.view(-1, channels, height, width))
         return Release(record, images=images.float(), labels=class_ids[index_labels].long())
