@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import pytest
@@ -15,6 +18,7 @@ from flwr.app import Context, RecordDict
 
 from fedpsg.continual.coordinator import Coordinator
 from fedpsg.continual.local import LocalParties
+from fedpsg.runs.folder import in_run_context, run_log
 from fedpsg.runs.repeats import mean_interval, paired_differences, repeat_settings, repeat_statistics, run_repeats
 from fedpsg.runs.settings import RunConfig, resolve_settings
 from fedpsg.runs.superlink import REPO
@@ -150,6 +154,8 @@ def test_simulated_repetitions_run_side_by_side_each_with_its_own_parties(tmp_pa
         for k in (0, 1):
             ledger = json.loads((out / f"repeat-{r}" / "parties" / f"party-{k}" / "ledger-fmnist.json").read_text())
             assert sorted(e["method"] for e in ledger["entries"]) == ["dpmerf", "psg"]
+        log = (out / f"repeat-{r}" / "run.log").read_text().splitlines()
+        assert sum("psg stage 1/2: party" in line for line in log) == 1  # its own stage, not the other's
     jobs = pd.concat([pd.read_csv(out / f"repeat-{r}" / "timeline.csv").assign(repeat=r) for r in (1, 2)]).query(
         "kind == 'party'"
     )
@@ -161,3 +167,28 @@ def test_simulated_repetitions_run_side_by_side_each_with_its_own_parties(tmp_pa
     first = jobs[jobs["repeat"] == 1]
     second = jobs[jobs["repeat"] == 2]
     assert second["start"].min() < first["end"].max() and first["start"].min() < second["end"].max()
+
+
+def test_runs_side_by_side_each_keep_their_own_run_log(tmp_path):
+    log = logging.getLogger("fedpsg.tests.run_log")
+    level_before = logging.getLogger("fedpsg").level
+    both_open, both_written = threading.Barrier(2), threading.Barrier(2)
+
+    def run(name: str) -> None:
+        with run_log(tmp_path / name / "run.log"):
+            both_open.wait()
+            log.info("%s: coordinator", name)
+            with ThreadPoolExecutor(1) as pool:  # a job of this run in a worker thread
+                pool.submit(in_run_context(log.info), "%s: job", name).result()
+                pool.submit(log.info, "%s: outside any run", name).result()
+            both_written.wait()
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(run, ["a", "b"]))
+    lines = {name: [line.split(": ", 1)[1] for line in (tmp_path / name / "run.log").read_text().splitlines()]
+             for name in "ab"}  # fmt: skip
+    for own, other in (("a", "b"), ("b", "a")):
+        assert f"{own}: coordinator" in lines[own] and f"{own}: job" in lines[own]
+        assert f"{other}: coordinator" not in lines[own] and f"{other}: job" not in lines[own]
+        assert {"a: outside any run", "b: outside any run"} <= set(lines[own])  # shared lines reach both
+    assert logging.getLogger("fedpsg").level == level_before

@@ -45,7 +45,7 @@ from fedpsg.nn.evaluation import (
     reversed_utility,
     train_classifier,
 )
-from fedpsg.runs.folder import RunFolder
+from fedpsg.runs.folder import RunFolder, in_run_context
 from fedpsg.runs.results import accuracy_table, write_results, write_summary
 from fedpsg.runs.retry import send_with_retries
 from fedpsg.runs.settings import RunSettings, format_epsilon
@@ -148,13 +148,14 @@ class Coordinator:
                         "%s stage %d/%d: party %d, classes %s",
                         job[0], job[1], graph.num_stages, request.partition, request.classes,
                     )  # fmt: skip
-                    future = party_pool.submit(self._party_job, parties, request)
+                    future = party_pool.submit(in_run_context(self._party_job), parties, request)
                     in_flight[future] = ("party", job)
             for job in graph.evaluation_ready():  # also after a failure: nothing received is lost
                 if job in failed_evaluations:  # not again: it failed once, the run reports why
                     continue
                 graph.evaluating.add(job)
-                in_flight[evaluation_pool.submit(self._evaluation_job, parties, *job)] = ("evaluation", job)
+                evaluation = evaluation_pool.submit(in_run_context(self._evaluation_job), parties, *job)
+                in_flight[evaluation] = ("evaluation", job)
             if not in_flight:
                 return failure if failure is not None or graph.finished() else RuntimeError("the job graph is stuck")
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)

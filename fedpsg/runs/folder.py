@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar, copy_context
+from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from fedpsg.io.files import write_json
 
@@ -86,19 +88,51 @@ class RunFolder:
             done.write_text("completed\n")
 
 
+# The run log that the records of the current thread belong to. Several runs can share a process
+# (repetitions side by side): each log keeps the records of its own run's threads, and those of
+# threads outside any run (shared infrastructure). A run's worker threads get it by in_run_context.
+_CURRENT_RUN_LOG: ContextVar[Path | None] = ContextVar("fedpsg_current_run_log", default=None)
+
+T = TypeVar("T")
+
+
+def in_run_context(function: Callable[..., T]) -> Callable[..., T]:
+    """``function``, to be called in another thread as part of the calling thread's run (its log)."""
+    return partial(copy_context().run, function)
+
+
+class _RecordsOfRun(logging.Filter):
+    def __init__(self, path: Path, level_before: int) -> None:
+        super().__init__()
+        self.path = path
+        self.level_before = level_before  # the fedpsg logger's level before the first run log
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        current = _CURRENT_RUN_LOG.get()
+        return current is None or current == self.path
+
+
 @contextmanager
 def run_log(path: Path) -> Iterator[None]:
-    """Copy the fedpsg loggers' INFO lines into the run folder's run.log while the run lasts."""
+    """Copy the fedpsg loggers' INFO lines of this run into the run folder's run.log while the run lasts."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("fedpsg")
-    level = root.level
+    others = _run_logs(root)
+    handler.addFilter(_RecordsOfRun(path, others[0].level_before if others else root.level))
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    token = _CURRENT_RUN_LOG.set(path)
     try:
         yield
     finally:
+        _CURRENT_RUN_LOG.reset(token)
         root.removeHandler(handler)
-        root.setLevel(level)
+        if not _run_logs(root):  # the last run of those side by side puts the level back
+            root.setLevel(handler.filters[0].level_before)
         handler.close()
+
+
+def _run_logs(logger: logging.Logger) -> list[_RecordsOfRun]:
+    return [f for h in logger.handlers for f in h.filters if isinstance(f, _RecordsOfRun)]
