@@ -1,6 +1,7 @@
 """The continual run's job graph: what may start when, and stages side by side for real."""
 
 import json
+import threading
 
 import pandas as pd
 import pytest
@@ -92,3 +93,31 @@ def test_the_projection_replays_the_graph_on_the_given_cores():
     assert projected_wall_time(frame, ["psg", "dpmerf"], 2, 1) == 32
     # Two cores: psg 1 | dpmerf 2 then dpmerf 1 (party 0 was busy), evaluations in the gaps.
     assert projected_wall_time(frame, ["psg", "dpmerf"], 2, 2) == 21
+
+
+def test_evaluations_sharing_the_parties_slots_run_side_by_side(tmp_path, data_dir, monkeypatch):
+    # The first two evaluations wait for each other: with one evaluation thread the barrier breaks.
+    settings = resolve_settings(
+        "split_fmnist", profile="tiny", stages=2, methods=["dpmerf"], out=tmp_path / "run",
+        data_dir=str(data_dir), overrides="evaluation.epochs=2 dpmerf.generator_steps=20",
+    )  # fmt: skip
+    parties = LocalParties(str(data_dir), state_dir=prepare_parties(settings), capacity=2)
+    parties.evaluations_share_slots = True
+    barrier, calls, lock = threading.Barrier(2, timeout=120), [], threading.Lock()
+    evaluate = Coordinator._evaluate_received
+
+    def evaluate_together(self, method, stage):
+        with lock:
+            calls.append(stage)
+            first_two = len(calls) <= 2
+        if first_two:
+            barrier.wait()
+        return evaluate(self, method, stage)
+
+    monkeypatch.setattr(Coordinator, "_evaluate_received", evaluate_together)
+    rows = Coordinator(settings).run(parties)
+    assert sorted(r["stage"] for r in rows) == [1, 2]
+    timeline = pd.read_csv(settings.out / TIMELINE_FILE)
+    evaluations = timeline[timeline["kind"] == "evaluation"]
+    assert most_jobs_at_once(evaluations) == 2
+    assert (settings.out / "accuracy.png").exists() and len(pd.read_csv(settings.out / "results.csv")) == 2

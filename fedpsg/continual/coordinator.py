@@ -88,6 +88,7 @@ class Coordinator:
         self._judges: dict[int, list[torch.nn.Module]] = {}  # real2gen's classifiers per stage (seen classes)
         self._validation: ImageSet | None = None  # the evaluator's validation split, loaded once for them
         self._judging = threading.Lock()
+        self._writing = threading.Lock()  # evaluations finishing at once write the run's outputs one at a time
         self.folder = RunFolder(self.out, settings.identity())
         if self.folder.open():
             log.info("resuming the run in %s", self.out)
@@ -97,8 +98,10 @@ class Coordinator:
         """Every method's stages as a job graph (fedpsg.continual.schedule); returns the result rows.
 
         Party jobs run in up to ``parties.capacity`` threads, each a blocking ``send`` with its
-        retries; evaluations run in one thread of their own beside them. On a party's failure no
-        new job starts, the jobs in flight finish and are kept, and the error is raised.
+        retries. Evaluations run in threads of their own beside them: where they share the parties'
+        slots (a simulation on these cores) as many as there are slots, so that no core idles while
+        evaluations queue; else one, with every core of the coordinator's machine. On a party's
+        failure no new job starts, the jobs in flight finish and are kept, and the error is raised.
         """
         settings = self.settings
         graph = StageGraph(
@@ -120,7 +123,9 @@ class Coordinator:
             )
             with (
                 ThreadPoolExecutor(graph.capacity, thread_name_prefix="party") as party_pool,
-                ThreadPoolExecutor(1, thread_name_prefix="evaluation") as evaluation_pool,
+                ThreadPoolExecutor(
+                    graph.capacity if parties.evaluations_share_slots else 1, thread_name_prefix="evaluation"
+                ) as evaluation_pool,
             ):
                 failure = self._run_graph(graph, parties, party_pool, evaluation_pool)
             self.write_timeline(complete=failure is None)
@@ -357,9 +362,10 @@ class Coordinator:
             "party_seconds": round(party_seconds, 2),
             "eval_seconds": round(time.perf_counter() - started, 2),
         }
-        write_json(self._row_path(method, stage), row)
         log.info("%s stage %d: accuracy over seen classes %.2f%%", method, stage, 100 * evaluation.mean)
-        self.write_outputs()
+        with self._writing:
+            write_json(self._row_path(method, stage), row)
+            self.write_outputs()
         return row
 
     def _real_classifiers(self, stage: int, seen: list[int]) -> list[torch.nn.Module]:

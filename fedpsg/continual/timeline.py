@@ -13,13 +13,10 @@ from __future__ import annotations
 import heapq
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure  # no pyplot: its global state is not safe across threads
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from fedpsg.continual.schedule import StageGraph  # noqa: E402
+from fedpsg.continual.schedule import StageGraph
 
 PROJECTED_CORES = (2, 8, 16, 64)
 
@@ -74,7 +71,8 @@ def plot_timeline(frame: pd.DataFrame, path: Path, title: str) -> None:
     lanes: list[float] = []  # end time of the last job in each lane
     methods = sorted(frame["method"].unique())
     colours = {m: f"C{i}" for i, m in enumerate(methods)}
-    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * max(1, len(frame) ** 0.5)))
+    fig = Figure(figsize=(10, 1.2 + 0.45 * max(1, len(frame) ** 0.5)))
+    ax = fig.subplots()
     for row in frame.sort_values("start").itertuples():
         lane = next((i for i, end in enumerate(lanes) if end <= row.start + 1e-6), len(lanes))
         if lane == len(lanes):
@@ -102,4 +100,3 @@ def plot_timeline(frame: pd.DataFrame, path: Path, title: str) -> None:
     ax.legend(fontsize=7, ncol=len(methods) + 1, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)

@@ -7,13 +7,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure  # no pyplot: its global state is not safe across threads
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from fedpsg.io.files import write_csv, write_json, write_text_atomically  # noqa: E402
+from fedpsg.io.files import write_csv, write_json, write_text_atomically
 
 
 @dataclass(frozen=True)
@@ -46,7 +43,8 @@ def plot_accuracy(
     """Accuracy (%) against each of ``axes`` (a panel each): a curve per method, named
     ``labels[method]``, with a confidence band where the frame has ``ci_low``/``ci_high``
     (repetitions), else error bars where it has an ``accuracy_std``."""
-    fig, panels = plt.subplots(1, len(axes), figsize=(0.5 + 4.5 * len(axes), 3.6), squeeze=False)
+    fig = Figure(figsize=(0.5 + 4.5 * len(axes), 3.6))
+    panels = fig.subplots(1, len(axes), squeeze=False)
     for panel, axis in zip(panels[0], axes):
         for method, group in frame.groupby("method", sort=False):
             label, at = labels.get(method, method), group[axis.column]
@@ -68,7 +66,6 @@ def plot_accuracy(
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
-    plt.close(fig)
 
 
 def accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
