@@ -206,22 +206,38 @@ def repeats_report(title: str, statistics: pd.DataFrame, differences: list[dict]
 def write_repeat_outputs(out: Path, repetitions: Sequence[Settings]) -> dict | None:
     """The repetitions' joint outputs in ``out`` (see the module's docstring); None before any results."""
     first = repetitions[0]
-    folders, x = [r.out for r in repetitions], first.results_axis
+    folders = [r.out for r in repetitions]
     frame = collect_repeats(folders)
     if frame.empty:
         return None
+    identity = json.loads((folders[0] / "config.json").read_text())
+    settings = {k: v for k, v in identity.items() if k != "seed"}
+    return write_joint_outputs(out, frame, folders, settings, first.title, first.method_labels, first.results_axis)
+
+
+def write_joint_outputs(
+    out: Path,
+    frame: pd.DataFrame,
+    folders: Sequence[Path],
+    settings: dict,
+    title: str,
+    labels: dict[str, str],
+    x: str,
+) -> dict:
+    """results.csv, statistics.csv, accuracy.png, report.md and summary.json of repetitions'
+    ``frame`` (:func:`collect_repeats`) in ``out``; ``DONE`` once every folder in ``folders`` is done."""
+    out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "results.csv", frame)
     statistics = repeat_statistics(frame, x)
     write_csv(out / "statistics.csv", statistics)
     differences = paired_differences(frame, x)
     axis = XAxis(x, x, tick_every_value=True)
     ylabel = f"accuracy (%), mean and {CONFIDENCE:.0%} CI"
-    plot_accuracy(statistics, out / "accuracy.png", first.title, [axis], ylabel, first.method_labels)
-    write_text_atomically(out / "report.md", repeats_report(first.title, statistics, differences, x))
-    identity = json.loads((folders[0] / "config.json").read_text())
+    plot_accuracy(statistics, out / "accuracy.png", title, [axis], ylabel, labels)
+    write_text_atomically(out / "report.md", repeats_report(title, statistics, differences, x))
     summary = {
-        "settings": {k: v for k, v in identity.items() if k != "seed"},
-        "repeats": len(folders),
+        "settings": settings,
+        "repeats": int(frame["repeat"].nunique()),
         "seeds": frame.groupby("repeat")["seed"].first().to_dict(),
         "statistics": statistics.to_dict(orient="records"),
         "differences": differences,

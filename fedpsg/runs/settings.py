@@ -69,6 +69,11 @@ def format_epsilon(epsilon: float) -> str:
     return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
 
 
+def run_title(scenario: str, epsilon: float, delta: float) -> str:
+    """The title of a continual run's reports and plots."""
+    return f"{scenario}: ε={format_epsilon(epsilon).replace('inf', '∞')}, δ={delta:g}"
+
+
 def parse_epsilons(text: str | float) -> list[float]:
     """``10``, ``inf`` or a sweep ``1,10``; each must be > 0."""
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
@@ -227,7 +232,7 @@ class RunSettings:
     @property
     def title(self) -> str:
         """The run's reports' and plots' title."""
-        return f"{self.scenario.name}: ε={format_epsilon(self.epsilon).replace('inf', '∞')}, δ={self.delta:g}"
+        return run_title(self.scenario.name, self.epsilon, self.delta)
 
     @property
     def method_labels(self) -> dict[str, str]:
