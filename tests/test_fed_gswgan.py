@@ -247,10 +247,11 @@ def test_a_flower_simulation_writes_its_outputs_and_resumes_after_interruption(t
     # early and they refuse the last round, as a party must. Every other round hears all five.
     answered = gswgan_rounds["parties_answered"].tolist()
     assert answered[:-1] == [5] * (rounds - 1) and 1 <= answered[-1] <= 5
-    left_out = re.findall(rf"fed-gswgan round {rounds}: partition \d+ left out", (out / "run.log").read_text())
+    log = (out / "run.log").read_text()
+    left_out = re.findall(rf"fed-gswgan round {rounds}: partition \d+ left out", log)
     assert len(left_out) == 5 - answered[-1]
     if left_out:
-        assert "the run's plan is spent" in (out / "run.log").read_text()
+        assert "the run's plan is spent" in log
     # What goes up is B samples' gradients, not parameters: far fewer bytes than FedAvg's models.
     per_round = json.loads((out / "summary.json").read_text())["bytes_per_round_per_party"]
     samples_bytes = 8 * 28 * 28 * 4  # tiny preset: B = 8 float32 images

@@ -57,22 +57,22 @@ def compare_runs(runs: Sequence[Path], out: Path) -> dict:
     if len(runs) < 2:
         raise ValueError("give at least two runs to compare")
     folders = {run: repetition_folders(run) for run in runs}
+    configs = {folder: _config(folder) for repetitions in folders.values() for folder in repetitions}
     reference_run = runs[0]
-    reference = _config(folders[reference_run][0])
+    reference = configs[folders[reference_run][0]]
     methods: dict[str, Path] = {}
     frames = []
     for run, repetitions in folders.items():
         for folder in repetitions:
-            config = _config(folder)
-            if "epsilon" not in config:
+            if "epsilon" not in configs[folder]:
                 raise ValueError(f"{folder} is not a continual run (a federated-GAN run compares its methods itself)")
-            differing = _differences(reference, config)
+            differing = _differences(reference, configs[folder])
             if differing:
                 raise ValueError(
                     f"{folder} differs from {reference_run} in {', '.join(differing)}: "
                     "only runs of the same scenario, budget, profile and replay can be compared"
                 )
-        for method in _config(repetitions[0])["methods"]:
+        for method in configs[repetitions[0]]["methods"]:
             if method in methods:
                 raise ValueError(f"{method} is in both {methods[method]} and {run}: keep one of them")
             methods[method] = run
@@ -89,9 +89,8 @@ def compare_runs(runs: Sequence[Path], out: Path) -> dict:
             "(run with the same --seed)"
         )
     settings = {k: v for k, v in reference.items() if k not in PER_RUN_KEYS}
-    settings["methods"] = {m: _config(folders[run][0])["methods"][m] for m, run in methods.items()}
+    settings["methods"] = {m: configs[folders[run][0]]["methods"][m] for m, run in methods.items()}
     settings["runs"] = {m: str(run) for m, run in methods.items()}
     title = run_title(reference["scenario"]["name"], float(reference["epsilon"]), float(reference["delta"]))
     labels = {m: get_method(m).label for m in methods}
-    every_folder = [folder for repetitions in folders.values() for folder in repetitions]
-    return write_joint_outputs(out, frame, every_folder, settings, title, labels, "stage")
+    return write_joint_outputs(out, frame, list(configs), settings, title, labels, "stage")
