@@ -2,6 +2,7 @@
 
 import json
 import math
+import multiprocessing
 import os
 import re
 import signal
@@ -115,6 +116,27 @@ def test_the_plan_composes_the_most_rounds_a_party_is_asked_and_the_ledger_stops
     accountant.compose(dp_event.GaussianDpEvent(plan.noise_multiplier), count=3)
     assert accountant.get_epsilon(1e-5) == pytest.approx(10.0, rel=0.02)
     assert plan.epsilon <= 10.0
+
+
+def _answer_and_die_before_the_mark(tmp_path: str, data_dir: str) -> None:
+    """A party process killed after computing a round's reply and before its ledger marked it released."""
+    torch.set_num_threads(1)
+    Ledger.mark_released = lambda self, entry: os._exit(1)
+    answer_samples(request(), *samples(), data_dir=data_dir, **party(Path(tmp_path)))
+
+
+def test_a_reply_the_ledger_never_counted_is_not_served_again_for_free(tmp_path, data_dir, releases, single_thread):
+    worker = multiprocessing.get_context("spawn").Process(
+        target=_answer_and_die_before_the_mark, args=(str(tmp_path), str(data_dir))
+    )
+    worker.start()
+    worker.join(timeout=300)
+    ledger = Ledger(tmp_path / "party-1", "mnist")
+    assert worker.exitcode == 1 and [e.status for e in ledger.entries()] == ["abandoned"]  # died before the mark
+    # The coordinator re-sends the round with the same samples: whatever the party sends now is charged.
+    again = answer_samples(request(), *samples(), data_dir=str(data_dir), **party(tmp_path))
+    assert again.releases == 1 and len(releases) == 1  # computed afresh in this process, with new noise
+    assert sorted(e.status for e in ledger.entries()) == ["abandoned", "released"]
 
 
 def test_the_noise_is_the_partys_secret(tmp_path, data_dir, single_thread):
@@ -263,7 +285,7 @@ def test_a_flower_simulation_writes_its_outputs_and_resumes_after_interruption(t
     for record in privacy.values():
         assert record["releases"] <= record["steps"] == rounds and record["epsilon"] <= 10.0
     assert len(list((out / "parties").glob("party-*/runs/*/fed-gswgan-critic.pt"))) == 5  # critics stayed home
-    for partition in range(5):  # the re-sent round was answered from cache, not spent again
+    for partition in range(5):  # one counted release per round: a re-sent round is served from a counted one or charged
         entries = Ledger(out / "parties" / f"party-{partition}", "mnist").entries()
         assert sum(e.method == "fed-gswgan" and e.status == "released" for e in entries) == rounds
         assert {e.status for e in entries} <= {"released", "abandoned"}  # abandoned: killed mid-round

@@ -297,8 +297,10 @@ def answer_samples(
             )
         with ledger.release(round_record(party.plan), policy, method="fed-gswgan", purpose=what, run=run):
             gradients = party.sanitised_gradients(images, labels, data, request.config, secret)
-            party.last_release = (request.round, digest, gradients.detach())
-            party.save()
+        # Kept for a re-sent round only once the ledger counts it: a party killed before the mark leaves an
+        # abandoned (uncounted) entry, and a stored reply must never leave later at no cost.
+        party.last_release = (request.round, digest, gradients.detach())
+        party.save()
         return GradientReply(gradients, party.plan, made + 1)
 
 
