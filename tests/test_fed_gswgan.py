@@ -285,7 +285,9 @@ def test_a_flower_simulation_writes_its_outputs_and_resumes_after_interruption(t
     for record in privacy.values():
         assert record["releases"] <= record["steps"] == rounds and record["epsilon"] <= 10.0
     assert len(list((out / "parties").glob("party-*/runs/*/fed-gswgan-critic.pt"))) == 5  # critics stayed home
-    for partition in range(5):  # one counted release per round: a re-sent round is served from a counted one or charged
+    # As many counted releases as the plan has rounds: a re-sent round is served from a counted reply or charged
+    # again (then the party refuses the last round), never sent uncounted.
+    for partition in range(5):
         entries = Ledger(out / "parties" / f"party-{partition}", "mnist").entries()
         assert sum(e.method == "fed-gswgan" and e.status == "released" for e in entries) == rounds
         assert {e.status for e in entries} <= {"released", "abandoned"}  # abandoned: killed mid-round
